@@ -1,0 +1,1 @@
+"""The input pipeline: streaming sources split by host → tokenizer → packing → batches."""

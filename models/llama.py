@@ -1,0 +1,330 @@
+"""Llama (Llama 2 / 3 / 3.1 / 3.2 architecture) as a plain nn.Module.
+
+No sharding or XLA code lives here: parallelism is applied from outside by parameter and module
+names (torchprime.sharding). Field names follow HF `LlamaConfig`, so configs and checkpoints
+map one to one. Shapes: B batch, T sequence, H heads, K key/value heads, D head dim, E hidden.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torchprime.errors import ConfigError
+from torchprime.sharding import ShardingConfig
+
+IGNORE_INDEX = -100
+ATTENTION_KERNELS = ("eager", "sdpa")
+
+
+@dataclass
+class RopeScalingConfig:
+    """Llama 3.1 frequency scaling of RoPE for long contexts (HF `rope_scaling`, type llama3)."""
+
+    rope_type: str = "llama3"
+    """Only "llama3" is implemented."""
+    factor: float = 8.0
+    """How much longer the context is than the one the model was first trained on."""
+    low_freq_factor: float = 1.0
+    """Wavelengths longer than original_max_position_embeddings / low_freq_factor are scaled."""
+    high_freq_factor: float = 4.0
+    """Wavelengths shorter than original_max_position_embeddings / high_freq_factor are kept."""
+    original_max_position_embeddings: int = 8192
+    """The context length before scaling."""
+
+
+@dataclass
+class LlamaConfig:
+    """The model: architecture (HF LlamaConfig names), kernels, and how it is sharded."""
+
+    name: str = "llama"
+    """Model family in the registry (models.MODELS)."""
+    vocab_size: int = 264
+    """Rows of the embedding and the LM head; at least the tokenizer's vocabulary."""
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    """Width of the SwiGLU MLP."""
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    """Grouped-query attention: each key/value head serves heads / kv_heads query heads."""
+    head_dim: Optional[int] = None
+    """Per-head width; null means hidden_size / num_attention_heads."""
+    max_position_embeddings: int = 2048
+    """The longest sequence the model is built for (checked against data.block_size)."""
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[RopeScalingConfig] = None
+    tie_word_embeddings: bool = False
+    """Share the embedding matrix with the LM head."""
+    initializer_range: float = 0.02
+    """Standard deviation of the normal init of linear and embedding weights."""
+    scale_output_init: bool = False
+    """Divide the init std of o_proj and down_proj by sqrt(2 * num_hidden_layers) (GPT-2 style)."""
+    attention_kernel: str = "sdpa"
+    """eager (reference math) or sdpa (torch.nn.functional.scaled_dot_product_attention)."""
+    is_causal: bool = True
+    """Causal language model; false gives bidirectional attention."""
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    """Partition specs of the parameters (configs/model/sharding/)."""
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    def validate(self, key: str = "model") -> None:
+        if self.attention_kernel not in ATTENTION_KERNELS:
+            raise ConfigError(
+                f"{key}.attention_kernel={self.attention_kernel!r}: choose one of "
+                f"{', '.join(ATTENTION_KERNELS)}."
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"{key}.num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"{key}.num_key_value_heads={self.num_key_value_heads}."
+            )
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"{key}.hidden_size={self.hidden_size} does not divide into "
+                f"{self.num_attention_heads} heads; set {key}.head_dim."
+            )
+        if self.resolved_head_dim % 2:
+            raise ConfigError(f"{key}: head_dim={self.resolved_head_dim} must be even for RoPE.")
+        if self.rope_scaling is not None and self.rope_scaling.rope_type != "llama3":
+            raise ConfigError(
+                f"{key}.rope_scaling.rope_type={self.rope_scaling.rope_type!r}: only llama3."
+            )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def init_weights(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in float32 whatever the model dtype, as the reference does.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
+    """Inverse frequencies of the rotary embedding, with Llama 3.1 scaling when configured."""
+    dim = cfg.resolved_head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq
+    low_freq_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_freq_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    # Long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.cfg = cfg
+        # float32 whatever the model dtype: bfloat16 frequencies would blur far positions.
+        inv_freq = torch.empty(cfg.resolved_head_dim // 2, dtype=torch.float32)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def init_weights(self) -> None:
+        with torch.no_grad():
+            self.inv_freq.copy_(rope_inv_freq(self.cfg))
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        # [B, T] positions → cos, sin of shape [B, 1, T, D], computed in float32.
+        freqs = position_ids[..., None].float() * self.inv_freq.float()  # [B, T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.resolved_head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # [B, H|K, T, D]
+        groups = self.num_heads // self.num_kv_heads
+        k = k.repeat_interleave(groups, dim=1)  # [B, H, T, D]
+        v = v.repeat_interleave(groups, dim=1)
+        if self.cfg.attention_kernel == "sdpa":
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.cfg.is_causal)
+        else:
+            out = eager_attention(q, k, v, self.cfg.is_causal)
+        out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
+        return self.o_proj(out)
+
+
+def eager_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool
+) -> torch.Tensor:
+    """softmax(q kᵀ / √D + mask) v, written out: the reference the kernels are checked against."""
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # [B, H, T, T]
+    if is_causal:
+        T = q.shape[-2]
+        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(future, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    return probs @ v
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = LlamaAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = LlamaMLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """The decoder stack without the LM head (HF's `model.` prefix)."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(cfg)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)  # [B, T, E]
+        cos, sin = self.rotary_emb(position_ids, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        return self.norm(x)
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor
+    """[B, T, vocab]"""
+    loss: Optional[torch.Tensor]
+    """Mean cross-entropy over the tokens with a label; None without labels."""
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        self.model = LlamaModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the LM head again (`to_empty` unties them)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator) -> None:
+        """Seeded init, drawn on the CPU so every backend gets the same weights.
+
+        Linear and embedding weights ~ N(0, initializer_range) (output projections optionally
+        scaled by depth), norms = 1, RoPE frequencies recomputed (they are not saved).
+        """
+        cfg = self.config
+        out_std = cfg.initializer_range
+        if cfg.scale_output_init:
+            out_std /= math.sqrt(2 * cfg.num_hidden_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                if module is self.lm_head and cfg.tie_word_embeddings:
+                    continue
+                std = out_std if name.endswith(("o_proj", "down_proj")) else cfg.initializer_range
+                _normal_(module.weight, std, generator)
+            elif isinstance(module, (RMSNorm, RotaryEmbedding)):
+                module.init_weights()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+    ) -> CausalLMOutput:
+        """`labels` are aligned with `input_ids` (token t is predicted at t - 1), -100 ignored."""
+        if position_ids is None:
+            T = input_ids.shape[1]
+            position_ids = torch.arange(T, device=input_ids.device).expand_as(input_ids)
+        hidden = self.model(input_ids, position_ids)
+        logits = self.lm_head(hidden)
+        loss = None if labels is None else causal_lm_loss(logits, labels)
+        return CausalLMOutput(logits=logits, loss=loss)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of next-token predictions over the positions that have a label.
+
+    Summed then divided by the count of real tokens in the whole (global) batch, so the value
+    does not depend on how the batch is split over devices.
+    """
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    total = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    count = (shift_labels != IGNORE_INDEX).sum().clamp(min=1)
+    return total / count
+
+
+def _normal_(weight: torch.Tensor, std: float, generator: torch.Generator) -> None:
+    values = torch.empty(weight.shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
+    weight.copy_(values.to(weight.dtype))

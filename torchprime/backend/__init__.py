@@ -1,0 +1,82 @@
+"""Choosing the backend: the seam between the trainer and the devices it runs on.
+
+`select_backend("auto")` picks, in order: XLA on a TPU host; CUDA when a GPU is visible; XLA on
+virtual CPU devices when torch_xla is installed (the dry run of a TPU job, with real SPMD);
+plain PyTorch on the CPU otherwise. torch_xla is imported only when XLA is picked.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+import sys
+
+from torchprime.backend.base import Backend
+from torchprime.errors import ConfigError
+
+BACKENDS = ("auto", "xla", "cpu", "cuda")
+_GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips show up as PCI devices of this vendor
+
+
+def torch_xla_installed() -> bool:
+    return importlib.util.find_spec("torch_xla") is not None
+
+
+def tpu_present() -> bool:
+    """A TPU host, told without importing torch_xla (which may not be installed)."""
+    if os.environ.get("PJRT_DEVICE", "").upper() == "TPU":
+        return True
+    for vendor_file in glob.glob("/sys/bus/pci/devices/*/vendor"):
+        try:
+            with open(vendor_file) as f:
+                if f.read().strip() == _GOOGLE_PCI_VENDOR:
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+def resolve_backend_name(requested: str) -> str:
+    """The concrete backend `requested` means on this machine, checked to be usable."""
+    if requested not in BACKENDS:
+        raise ConfigError(f"backend={requested!r}: choose one of {', '.join(BACKENDS)}.")
+    if requested == "auto":
+        if tpu_present() and torch_xla_installed():
+            return "xla"
+        import torch
+
+        if torch.cuda.is_available():
+            return "cuda"
+        return "xla" if torch_xla_installed() else "cpu"
+    if requested == "xla" and not torch_xla_installed():
+        raise ConfigError(
+            "backend=xla, but torch_xla is not installed: install the project's `xla` extra "
+            "(pip install -e '.[xla]') or run with backend=cpu."
+        )
+    if requested == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("backend=cuda, but no CUDA device is visible: use backend=cpu.")
+    return requested
+
+
+def select_backend(requested: str, cpu_devices: int) -> Backend:
+    """Create the backend. `cpu_devices` is how many virtual devices XLA gets when it runs on
+    the CPU (ignored on TPU, where the chips are counted, and on eager backends)."""
+    name = resolve_backend_name(requested)
+    if name != "xla":
+        from torchprime.backend.eager import EagerBackend
+
+        return EagerBackend(name)
+    if "torch_xla" not in sys.modules:
+        # torch_xla reads these once, at import; a value the user set wins.
+        os.environ.setdefault("PJRT_DEVICE", "TPU" if tpu_present() else "CPU")
+        if os.environ["PJRT_DEVICE"] == "CPU":
+            os.environ.setdefault("CPU_NUM_DEVICES", str(cpu_devices))
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # XLA's C++ info and warning chatter
+    from torchprime.backend.xla import XlaBackend
+
+    return XlaBackend()
+

@@ -1,0 +1,92 @@
+"""The interface every backend implements: all the rest of the code knows of devices.
+
+A backend answers the same questions on XLA and on plain PyTorch; on plain PyTorch most
+answers are trivial (one device, nothing to shard, nothing to compile), so the training code
+takes one path on both.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from torchprime.mesh import Mesh, PartitionSpec
+
+
+class Backend(abc.ABC):
+    #: Short name, as in the config's `backend` key: "xla", "cpu" or "cuda".
+    name: str
+    #: True when tensors are lazy XLA tensors, so a step is traced, compiled and run as one graph.
+    is_xla: bool
+
+    @property
+    @abc.abstractmethod
+    def device(self) -> torch.device:
+        """The device model, optimizer state and batches live on."""
+
+    @property
+    @abc.abstractmethod
+    def device_kind(self) -> str:
+        """What the devices are, for humans and tables of peak FLOP/s (e.g. "TPU v5p", "CPU")."""
+
+    @property
+    @abc.abstractmethod
+    def device_count(self) -> int:
+        """Devices the mesh spans (all hosts). One on eager backends."""
+
+    @property
+    def process_index(self) -> int:
+        """This host's index among `process_count` hosts."""
+        return 0
+
+    @property
+    def process_count(self) -> int:
+        """Hosts in the job, each reading its own part of the data."""
+        return 1
+
+    @abc.abstractmethod
+    def mark_sharding(self, tensor: torch.Tensor, mesh: Mesh, spec: PartitionSpec) -> None:
+        """Shard `tensor` over `mesh` following `spec` (one entry per dimension)."""
+
+    def sharding_of(self, tensor: torch.Tensor) -> str | None:
+        """The sharding the runtime holds for `tensor`, as its own text; None when unsharded."""
+        return None
+
+    @abc.abstractmethod
+    def sync(self) -> None:
+        """End of a training step: on XLA, cut the traced graph and launch it."""
+
+    @abc.abstractmethod
+    def wait_device_ops(self) -> None:
+        """Block until every launched device computation has finished."""
+
+    @abc.abstractmethod
+    def add_step_closure(self, fn: Callable[..., None], args: Sequence[Any] = ()) -> None:
+        """Run `fn(*args)` once the current step's tensors hold values.
+
+        On XLA this runs after the next `sync()`, so reading a tensor (`.item()`) does not
+        force an extra graph execution; on eager it runs at once.
+        """
+
+    def compile_count(self) -> int | None:
+        """Graph compilations so far in this process; None where nothing is compiled."""
+        return None
+
+    @abc.abstractmethod
+    def device_loader(
+        self, batches: Iterable[dict[str, torch.Tensor]], mesh: Mesh, batch_spec: PartitionSpec
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """Move host batches to the device, sharding their batch dimension by `batch_spec`."""
+
+    def optimization_barrier_(self, tensors: list[torch.Tensor]) -> None:
+        """Keep the compiler from moving computation across this point (XLA only)."""
+
+    def checkpoint_planners(self) -> tuple[Any, Any]:
+        """(save planner, load planner) for torch.distributed.checkpoint; None: its defaults."""
+        return None, None
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.device_count} x {self.device_kind})"

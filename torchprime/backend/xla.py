@@ -1,0 +1,116 @@
+"""torch_xla SPMD: the only module of the project that imports torch_xla.
+
+Import it through `torchprime.backend.select_backend`, which sets PJRT_DEVICE and, for
+virtual CPU devices, CPU_NUM_DEVICES first: torch_xla reads both once, when it is imported.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch_xla
+import torch_xla.core.xla_model as xm
+import torch_xla.debug.metrics as met
+import torch_xla.distributed.parallel_loader as pl
+import torch_xla.distributed.spmd as xs
+import torch_xla.runtime as xr
+
+from torchprime.backend.base import Backend
+from torchprime.mesh import Mesh, PartitionSpec
+
+
+class XlaBackend(Backend):
+    """SPMD over every device of every host: one program, tensors sharded by annotation."""
+
+    name = "xla"
+    is_xla = True
+
+    def __init__(self):
+        # SPMD must be on before the first XLA tensor exists: from then on the runtime shows
+        # one virtual device per host and shards tensors by their annotations.
+        xr.use_spmd()
+        self._device = torch_xla.device()
+        self._meshes: dict[Mesh, xs.Mesh] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def device_kind(self) -> str:
+        kind = xr.device_type()
+        if kind == "TPU":
+            from torch_xla._internal import tpu
+
+            return f"TPU v{tpu.version()}"
+        return kind
+
+    @property
+    def device_count(self) -> int:
+        return xr.global_runtime_device_count()
+
+    @property
+    def process_index(self) -> int:
+        return xr.process_index()
+
+    @property
+    def process_count(self) -> int:
+        return xr.process_count()
+
+    def xla_mesh(self, mesh: Mesh) -> xs.Mesh:
+        """The torch_xla mesh for `mesh`; a hybrid (ici x dcn) mesh when it spans slices."""
+        if mesh not in self._meshes:
+            if mesh.num_slices > 1:
+                xla_mesh = xs.HybridMesh(
+                    ici_mesh_shape=mesh.ici, dcn_mesh_shape=mesh.dcn, axis_names=mesh.axis_names
+                )
+            else:
+                ids = np.arange(mesh.num_devices)
+                xla_mesh = xs.Mesh(ids, tuple(mesh.shape.values()), mesh.axis_names)
+            xs.set_global_mesh(xla_mesh)
+            self._meshes[mesh] = xla_mesh
+        return self._meshes[mesh]
+
+    def mark_sharding(self, tensor: torch.Tensor, mesh: Mesh, spec: PartitionSpec) -> None:
+        xs.mark_sharding(tensor, self.xla_mesh(mesh), spec)
+
+    def sharding_of(self, tensor: torch.Tensor) -> str | None:
+        return torch_xla._XLAC._get_xla_sharding_spec(tensor) or None
+
+    def sync(self) -> None:
+        torch_xla.sync()
+
+    def wait_device_ops(self) -> None:
+        xm.wait_device_ops()
+
+    def add_step_closure(self, fn: Callable[..., None], args: Sequence[Any] = ()) -> None:
+        xm.add_step_closure(fn, args=tuple(args))
+
+    def compile_count(self) -> int:
+        data = met.metric_data("CompileTime")
+        return int(data[0]) if data else 0
+
+    def device_loader(
+        self, batches: Iterable[dict[str, torch.Tensor]], mesh: Mesh, batch_spec: PartitionSpec
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        # Each host feeds its own part of the global batch; `minibatch` tells torch_xla so, and
+        # it assembles the global array across hosts.
+        sharding = xs.ShardingSpec(
+            self.xla_mesh(mesh), batch_spec, minibatch=self.process_count > 1
+        )
+        return iter(pl.MpDeviceLoader(batches, self._device, input_sharding=sharding))
+
+    def checkpoint_planners(self) -> tuple[Any, Any]:
+        # Sharded XLA tensors are saved shard by shard by these planners, and can be loaded
+        # onto another mesh.
+        from torch_xla.experimental.distributed_checkpoint import SPMDLoadPlanner, SPMDSavePlanner
+
+        return SPMDSavePlanner(), SPMDLoadPlanner()
+
+    def optimization_barrier_(self, tensors: list[torch.Tensor]) -> None:
+        xm.optimization_barrier_(tensors)
+

@@ -1,0 +1,128 @@
+"""The logical device mesh: named axes, their sizes, and the checks that make them usable.
+
+A mesh here is pure data (names and sizes). The XLA backend turns it into a torch_xla mesh;
+the sharding plan and validation use it as is, so both work without any accelerator.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Union
+
+from torchprime.errors import ConfigError
+
+#: Mesh axes in the order devices are laid out (the last varies fastest, so it is the one whose
+#: devices are nearest each other: tensor and context parallelism want the fastest links).
+AXES = ("data", "fsdp", "expert", "tensor", "context")
+
+#: One entry of a partition spec: a mesh axis, several axes, or None (not sharded).
+SpecEntry = Union[str, tuple[str, ...], None]
+PartitionSpec = tuple[SpecEntry, ...]
+
+
+@dataclass
+class MeshAxesConfig:
+    """Devices along each mesh axis. The product over `ici_mesh` × `dcn_mesh` must equal the
+    device count. One axis per mesh may be -1: it takes whatever devices the others leave."""
+
+    data: int = 1
+    """Data parallelism: parameters replicated, the batch split."""
+    fsdp: int = 1
+    """Fully sharded data parallelism: parameters and the batch split (ZeRO-3)."""
+    expert: int = 1
+    """Expert parallelism, for mixture-of-experts layers."""
+    tensor: int = 1
+    """Tensor (model) parallelism: weight matrices split along their hidden dimensions."""
+    context: int = 1
+    """Context parallelism: the sequence split."""
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """Axis sizes inside a slice (`ici`, fast interconnect) and across slices (`dcn`)."""
+
+    ici: tuple[int, ...]
+    dcn: tuple[int, ...]
+
+    @property
+    def axis_names(self) -> tuple[str, ...]:
+        return AXES
+
+    @property
+    def shape(self) -> dict[str, int]:
+        """Total devices along each axis (ici × dcn)."""
+        return {a: i * d for a, i, d in zip(AXES, self.ici, self.dcn)}
+
+    @property
+    def num_devices(self) -> int:
+        return math.prod(self.ici) * math.prod(self.dcn)
+
+    @property
+    def num_slices(self) -> int:
+        return math.prod(self.dcn)
+
+    def size(self, entry: SpecEntry) -> int:
+        """How many shards a partition spec entry cuts a dimension into."""
+        if entry is None:
+            return 1
+        names = (entry,) if isinstance(entry, str) else entry
+        return math.prod(self.shape[name] for name in names)
+
+    def describe(self) -> str:
+        used = {a: n for a, n in self.shape.items() if n > 1} or {"data": 1}
+        text = " x ".join(f"{a}={n}" for a, n in used.items())
+        if self.num_slices > 1:
+            text += f" ({self.num_slices} slices)"
+        return text
+
+
+def axes_tuple(cfg: MeshAxesConfig) -> tuple[int, ...]:
+    return tuple(getattr(cfg, a) for a in AXES)
+
+
+def _check_sizes(sizes: tuple[int, ...], key: str, allow_fill: bool) -> None:
+    for axis, n in zip(AXES, sizes):
+        if n < 1 and not (allow_fill and n == -1):
+            allowed = "positive integers, or -1 on one axis" if allow_fill else "positive integers"
+            raise ConfigError(f"{key}.{axis}={n}: mesh axis sizes are {allowed}.")
+    wild = [a for a, n in zip(AXES, sizes) if n == -1]
+    if len(wild) > 1:
+        raise ConfigError(f"{key}: only one axis may be -1, got {wild}.")
+
+
+def resolve_mesh(ici: MeshAxesConfig, dcn: MeshAxesConfig, num_devices: int | None) -> Mesh:
+    """The mesh the config asks for, checked against the devices there are.
+
+    One `ici_mesh` axis may be -1 and takes the devices the others leave. `num_devices=None`
+    skips the device-count check (eager backends, where the mesh describes the target run and
+    is not applied); a -1 then counts as 1.
+    """
+    ici_sizes, dcn_sizes = axes_tuple(ici), axes_tuple(dcn)
+    _check_sizes(ici_sizes, "ici_mesh", allow_fill=True)
+    _check_sizes(dcn_sizes, "dcn_mesh", allow_fill=False)
+    if -1 in ici_sizes:
+        known = math.prod(n for n in ici_sizes if n != -1) * math.prod(dcn_sizes)
+        if num_devices is None:
+            fill = 1
+        elif num_devices % known:
+            axis = AXES[ici_sizes.index(-1)]
+            raise ConfigError(
+                f"ici_mesh.{axis}=-1 cannot fill {num_devices} devices: the other axes "
+                f"(ici x dcn) already use {known}, which does not divide {num_devices}."
+            )
+        else:
+            fill = num_devices // known
+        ici_sizes = tuple(fill if n == -1 else n for n in ici_sizes)
+    mesh = Mesh(ici_sizes, dcn_sizes)
+    if num_devices is not None and mesh.num_devices != num_devices:
+        raise ConfigError(
+            f"ici_mesh {_show(ici_sizes)} x dcn_mesh {_show(dcn_sizes)} = {mesh.num_devices} "
+            f"devices, but there are {num_devices}. Make the product of the mesh axes equal "
+            f"{num_devices} (or set one ici_mesh axis to -1)."
+        )
+    return mesh
+
+
+def _show(sizes: tuple[int, ...]) -> str:
+    return "{" + ", ".join(f"{a}: {n}" for a, n in zip(AXES, sizes) if n != 1) + "}"

@@ -1,0 +1,135 @@
+"""Sharding from config: parameter name patterns → partition specs, checked before anything runs.
+
+Spec grammar (YAML), one entry per tensor dimension:
+  - an axis name (`fsdp`): the dimension is split over that mesh axis;
+  - a list of axes (`[data, fsdp]`): split over their product, the first axis outermost;
+  - `null`: not split.
+A pattern is a parameter's dotted name where `*` stands for one name component (a layer index):
+`model.layers.*.mlp.down_proj.weight: [null, fsdp]`.
+Parameters no pattern matches stay replicated, and are reported as such.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchprime.backend.base import Backend
+from torchprime.errors import ConfigError
+from torchprime.mesh import AXES, Mesh, PartitionSpec
+
+#: The input batch [batch, sequence]: rows split over every data-parallel axis.
+BATCH_SPEC: PartitionSpec = (("data", "fsdp"), None)
+
+
+@dataclass
+class ShardingConfig:
+    """How parameters are laid out on the mesh (see this module's docstring for the grammar)."""
+
+    parameters: dict[str, Any] = field(default_factory=dict)
+    """Parameter name pattern → partition spec (one entry per dimension)."""
+
+
+def pattern_regex(pattern: str) -> re.Pattern[str]:
+    """`*` matches one dotted name component; everything else matches itself."""
+    return re.compile("[^.]+".join(re.escape(part) for part in pattern.split("*")) + r"\Z")
+
+
+def parse_spec(raw: Any, key: str) -> PartitionSpec:
+    """A YAML spec (list of axis / list of axes / null) as a partition spec, axes checked."""
+    if not isinstance(raw, (list, tuple)):
+        raise ConfigError(f"{key}: a spec is a list with one entry per dimension, got {raw!r}.")
+    spec: list[str | tuple[str, ...] | None] = []
+    for entry in raw:
+        names = [entry] if isinstance(entry, str) else list(entry) if entry is not None else []
+        for name in names:
+            if name not in AXES:
+                close = difflib.get_close_matches(str(name), AXES, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(
+                    f"{key}: unknown mesh axis {name!r}{hint}; axes are {', '.join(AXES)}."
+                )
+        if entry is None or isinstance(entry, str):
+            spec.append(entry)
+        else:
+            spec.append(tuple(names))
+    return tuple(spec)
+
+
+def _closest(name: str, candidates: Iterable[str], n: int = 3) -> str:
+    close = difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.4)
+    return ", ".join(close) if close else "(none alike)"
+
+
+def plan_parameter_specs(
+    model: nn.Module, cfg: ShardingConfig, mesh: Mesh, key: str = "model.sharding.parameters"
+) -> dict[str, PartitionSpec]:
+    """Every parameter's spec (all-None when replicated), after checking the config.
+
+    Errors name the pattern: one that matches no parameter (with the closest real names), a
+    spec of the wrong length, an unknown axis, or a dimension its axes do not divide.
+    """
+    params = dict(model.named_parameters())
+    specs: dict[str, PartitionSpec] = {}
+    for pattern, raw in cfg.parameters.items():
+        where = f"{key}[{pattern!r}]"
+        spec = parse_spec(raw, where)
+        regex = pattern_regex(pattern)
+        matched = [name for name in params if regex.match(name)]
+        if not matched:
+            raise ConfigError(
+                f"{where} matches no parameter. Closest names: {_closest(pattern, params)}."
+            )
+        for name in matched:
+            shape = tuple(params[name].shape)
+            if len(spec) != len(shape):
+                raise ConfigError(
+                    f"{where}: spec {list(raw)} has {len(spec)} entries but {name} has "
+                    f"{len(shape)} dimensions {list(shape)}."
+                )
+            for dim, (size, entry) in enumerate(zip(shape, spec)):
+                if size % mesh.size(entry):
+                    raise ConfigError(
+                        f"{where}: {name} dimension {dim} has size {size}, which {entry!r} "
+                        f"(mesh size {mesh.size(entry)}) does not divide."
+                    )
+            if name in specs and specs[name] != spec:
+                raise ConfigError(f"{where}: {name} is already sharded by another pattern.")
+            specs[name] = spec
+    for name, param in params.items():
+        specs.setdefault(name, (None,) * param.dim())
+    return specs
+
+
+def replicated(specs: dict[str, PartitionSpec]) -> list[str]:
+    """Names whose spec splits nothing."""
+    return [name for name, spec in specs.items() if all(e is None for e in spec)]
+
+
+def shard_parameters(
+    model: nn.Module, specs: dict[str, PartitionSpec], mesh: Mesh, backend: Backend
+) -> None:
+    """Annotate each parameter with its spec (a no-op on eager backends)."""
+    for name, param in model.named_parameters():
+        if any(e is not None for e in specs[name]):
+            backend.mark_sharding(param, mesh, specs[name])
+
+
+def check_batch_divisible(global_batch_size: int, mesh: Mesh) -> None:
+    """The batch rows must split evenly over the data-parallel axes."""
+    ways = mesh.size(BATCH_SPEC[0])
+    if global_batch_size % ways:
+        raise ConfigError(
+            f"trainer.global_batch_size={global_batch_size} does not split over the "
+            f"{ways} data-parallel devices (data x fsdp) of mesh {mesh.describe()}."
+        )
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
