@@ -20,7 +20,8 @@ from models import build_model
 from torchprime.backend import select_backend
 from torchprime.errors import ConfigError
 from torchprime.mesh import resolve_mesh
-from torchprime.sharding import check_batch_divisible, plan_parameter_specs, replicated, shard_parameters
+from torchprime.materialize import materialize
+from torchprime.sharding import check_batch_divisible, plan_parameter_specs, replicated
 from train_config import DTYPES, TrainConfig, mesh_size, register_schema, validate
 from trainers import get_trainer_class
 from trainers.base_trainer import TrainSummary
@@ -58,15 +59,13 @@ def run(raw: DictConfig) -> TrainSummary:
     check_batch_divisible(cfg.trainer.global_batch_size, mesh)
     log.info("backend: %s, mesh: %s", backend.describe(), mesh.describe())
 
-    # 3. The model: shapes on the meta device, sharding planned and checked there, then the
-    #    weights allocated on the device, sharded, and initialized from the seed.
+    # 3. The model: shapes on the meta device, sharding planned and checked there, then each
+    #    module initialized from the seed on the host and sent to the devices as shards.
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, DTYPES[cfg.dtype])
     specs = plan_parameter_specs(model, cfg.model.sharding, mesh)
-    model.to_empty(device=backend.device)
-    model.tie_weights()
-    shard_parameters(model, specs, mesh, backend)
-    model.init_weights(torch.Generator().manual_seed(cfg.seed))
+    generator = torch.Generator().manual_seed(cfg.seed)
+    materialize(model, specs, mesh, backend, model.init_module_weights, generator)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %s, %.2fM parameters, %s", cfg.model.name, n_params / 1e6, cfg.dtype)
     if backend.is_xla and (left := replicated(specs)):

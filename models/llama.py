@@ -272,24 +272,27 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     @torch.no_grad()
-    def init_weights(self, generator: torch.Generator) -> None:
-        """Seeded init, drawn on the CPU so every backend gets the same weights.
+    def init_module_weights(self, name: str, module: nn.Module, generator: torch.Generator) -> None:
+        """Initialize what `module` holds directly, drawing from `generator` on the host.
 
         Linear and embedding weights ~ N(0, initializer_range) (output projections optionally
         scaled by depth), norms = 1, RoPE frequencies recomputed (they are not saved).
         """
         cfg = self.config
-        out_std = cfg.initializer_range
-        if cfg.scale_output_init:
-            out_std /= math.sqrt(2 * cfg.num_hidden_layers)
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            if module is self.lm_head and cfg.tie_word_embeddings:
+                return  # the embedding's init
+            std = cfg.initializer_range
+            if cfg.scale_output_init and name.endswith(("o_proj", "down_proj")):
+                std /= math.sqrt(2 * cfg.num_hidden_layers)
+            _normal_(module.weight, std, generator)
+        elif isinstance(module, (RMSNorm, RotaryEmbedding)):
+            module.init_weights()
+
+    def init_weights(self, generator: torch.Generator) -> None:
+        """Seeded init of the whole model in place (see `init_module_weights`)."""
         for name, module in self.named_modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                if module is self.lm_head and cfg.tie_word_embeddings:
-                    continue
-                std = out_std if name.endswith(("o_proj", "down_proj")) else cfg.initializer_range
-                _normal_(module.weight, std, generator)
-            elif isinstance(module, (RMSNorm, RotaryEmbedding)):
-                module.init_weights()
+            self.init_module_weights(name, module, generator)
 
     def forward(
         self,

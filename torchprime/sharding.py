@@ -17,10 +17,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 
-from torchprime.backend.base import Backend
 from torchprime.errors import ConfigError
 from torchprime.mesh import AXES, Mesh, PartitionSpec
 
@@ -62,6 +60,10 @@ def parse_spec(raw: Any, key: str) -> PartitionSpec:
     return tuple(spec)
 
 
+def _show_entry(entry: str | tuple[str, ...] | None) -> str:
+    return entry if isinstance(entry, str) else f"[{', '.join(entry or ())}]"
+
+
 def _closest(name: str, candidates: Iterable[str], n: int = 3) -> str:
     close = difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.4)
     return ", ".join(close) if close else "(none alike)"
@@ -96,8 +98,8 @@ def plan_parameter_specs(
             for dim, (size, entry) in enumerate(zip(shape, spec)):
                 if size % mesh.size(entry):
                     raise ConfigError(
-                        f"{where}: {name} dimension {dim} has size {size}, which {entry!r} "
-                        f"(mesh size {mesh.size(entry)}) does not divide."
+                        f"{where}: {name} dimension {dim} has size {size}, which "
+                        f"{_show_entry(entry)} (mesh size {mesh.size(entry)}) does not divide."
                     )
             if name in specs and specs[name] != spec:
                 raise ConfigError(f"{where}: {name} is already sharded by another pattern.")
@@ -112,15 +114,6 @@ def replicated(specs: dict[str, PartitionSpec]) -> list[str]:
     return [name for name, spec in specs.items() if all(e is None for e in spec)]
 
 
-def shard_parameters(
-    model: nn.Module, specs: dict[str, PartitionSpec], mesh: Mesh, backend: Backend
-) -> None:
-    """Annotate each parameter with its spec (a no-op on eager backends)."""
-    for name, param in model.named_parameters():
-        if any(e is not None for e in specs[name]):
-            backend.mark_sharding(param, mesh, specs[name])
-
-
 def check_batch_divisible(global_batch_size: int, mesh: Mesh) -> None:
     """The batch rows must split evenly over the data-parallel axes."""
     ways = mesh.size(BATCH_SPEC[0])
@@ -130,6 +123,3 @@ def check_batch_divisible(global_batch_size: int, mesh: Mesh) -> None:
             f"{ways} data-parallel devices (data x fsdp) of mesh {mesh.describe()}."
         )
 
-
-def tensor_bytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()

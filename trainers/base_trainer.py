@@ -9,6 +9,7 @@ that log trace exactly the same graph as steps that do not.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -145,6 +146,11 @@ class BaseTrainer:
         return {"loss": loss.detach(), "grad_norm": grad_norm.detach(), "lr": lr, **aux}
 
     # -- the loop --------------------------------------------------------------------------
+    @property
+    def show_bar(self) -> bool:
+        """A bar on a terminal; logged lines instead in files and pod logs (no terminal)."""
+        return self.cfg.progress_bar and sys.stderr.isatty()
+
     def should_log(self, step: int) -> bool:
         return step == 1 or step % self.cfg.logging_steps == 0 or step == self.cfg.max_steps
 
@@ -161,7 +167,7 @@ class BaseTrainer:
         self._window_start = (0, start)
         last_checkpoint = None
         self._bar = tqdm(
-            total=self.cfg.max_steps, desc="train", unit="step", disable=not self.cfg.progress_bar
+            total=self.cfg.max_steps, desc="train", unit="step", disable=not self.show_bar
         )
         try:
             for step in range(1, self.cfg.max_steps + 1):
@@ -205,7 +211,7 @@ class BaseTrainer:
             self._steady_start = (step, now)
         if self._bar is not None:
             self._bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
-        if not self.cfg.progress_bar:
+        if not self.show_bar:
             log.info("step %d  loss %.4f  lr %.2e  %.0f tok/s", step, values["loss"],
                      values["lr"], record["tokens_per_sec"])
 

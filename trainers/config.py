@@ -60,7 +60,7 @@ class TrainerConfig:
     max_grad_norm: Optional[float] = 1.0
     """Clip gradients to this global L2 norm (null: no clipping; the norm is still logged)."""
     progress_bar: bool = True
-    """Show a progress bar on the console."""
+    """Show a progress bar when the console is a terminal (else logged steps are printed)."""
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     lr_scheduler: LRSchedulerConfig = field(default_factory=LRSchedulerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -48,6 +48,10 @@ class Backend(abc.ABC):
         return 1
 
     @abc.abstractmethod
+    def place(self, host_tensor: torch.Tensor, mesh: Mesh, spec: PartitionSpec) -> torch.Tensor:
+        """A CPU tensor sent to the device laid out by `spec`; each device gets only its shard."""
+
+    @abc.abstractmethod
     def mark_sharding(self, tensor: torch.Tensor, mesh: Mesh, spec: PartitionSpec) -> None:
         """Shard `tensor` over `mesh` following `spec` (one entry per dimension)."""
 

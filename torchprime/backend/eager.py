@@ -38,6 +38,9 @@ class EagerBackend(Backend):
     def device_count(self) -> int:
         return 1
 
+    def place(self, host_tensor: torch.Tensor, mesh: Mesh, spec: PartitionSpec) -> torch.Tensor:
+        return host_tensor.to(self._device)
+
     def mark_sharding(self, tensor: torch.Tensor, mesh: Mesh, spec: PartitionSpec) -> None:
         pass  # a single device holds every tensor whole
 

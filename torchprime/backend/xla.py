@@ -32,8 +32,14 @@ class XlaBackend(Backend):
     def __init__(self):
         # SPMD must be on before the first XLA tensor exists: from then on the runtime shows
         # one virtual device per host and shards tensors by their annotations.
-        xr.use_spmd()
+        if not xr.is_spmd():
+            xr.use_spmd()
         self._device = torch_xla.device()
+        # Start the runtime now: torch's autograd engine sizes its device queues at the first
+        # backward pass, from the XLA device count at that moment, which is 0 until the runtime
+        # is up. A backward pass before that (on the CPU, or on a lazy XLA tensor) would make
+        # every later XLA backward fail an internal assert.
+        xr.global_runtime_device_count()
         self._meshes: dict[Mesh, xs.Mesh] = {}
 
     @property
@@ -74,6 +80,18 @@ class XlaBackend(Backend):
             xs.set_global_mesh(xla_mesh)
             self._meshes[mesh] = xla_mesh
         return self._meshes[mesh]
+
+    def place(self, host_tensor: torch.Tensor, mesh: Mesh, spec: PartitionSpec) -> torch.Tensor:
+        if all(entry is None for entry in spec):
+            return host_tensor.to(self._device)
+        if host_tensor.dim() < 2:
+            # torch_xla 2.9 fails to build shards of 1-D host tensors ("too many indices");
+            # these are small (norm weights), so send them whole and shard on the device.
+            tensor = host_tensor.to(self._device)
+            xs.mark_sharding(tensor, self.xla_mesh(mesh), spec)
+            return tensor
+        sharding = xs.ShardingSpec(self.xla_mesh(mesh), spec)
+        return xm.send_cpu_data_to_device([host_tensor], self._device, sharding)[0]
 
     def mark_sharding(self, tensor: torch.Tensor, mesh: Mesh, spec: PartitionSpec) -> None:
         xs.mark_sharding(tensor, self.xla_mesh(mesh), spec)

@@ -1,0 +1,69 @@
+"""Our AdamW: torch.optim.AdamW's numbers when clipping is off, no Python scalars that change."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from optimizers.adamw import AdamW
+
+
+def train(opt_cls, steps=20, lr=1e-2, **kwargs):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    opt = opt_cls(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1, **kwargs)
+    data = torch.randn(steps, 32, 8, generator=torch.Generator().manual_seed(1))
+    for x in data:
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+def test_matches_torch_adamw_over_20_steps():
+    ours, _ = train(AdamW)
+    ref, _ = train(torch.optim.AdamW)
+    for a, b in zip(ours.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_a_tensor_learning_rate_gives_the_same_result():
+    ours, _ = train(AdamW, lr=torch.tensor(1e-2))
+    ref, _ = train(torch.optim.AdamW)
+    for a, b in zip(ours.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_step_count_is_a_tensor_in_the_state():
+    _, opt = train(AdamW, steps=3)
+    state = next(iter(opt.state.values()))
+    assert isinstance(state["step"], torch.Tensor) and state["step"].item() == 3
+
+
+def test_update_clip_bounds_every_element_of_the_update():
+    p = torch.nn.Parameter(torch.zeros(4))
+    opt = AdamW([p], lr=1.0, weight_decay=0.0, update_clip=0.5)
+    p.grad = torch.tensor([1.0, -1.0, 1e-3, 0.0])
+    opt.step()
+    # Adam's first update is ±1 wherever the gradient is non-zero: clamped to ±0.5.
+    torch.testing.assert_close(p.detach(), torch.tensor([-0.5, 0.5, -0.5, 0.0]))
+
+
+def test_update_rms_clip_scales_the_whole_tensor():
+    p = torch.nn.Parameter(torch.zeros(4))
+    opt = AdamW([p], lr=1.0, weight_decay=0.0, update_rms_clip=0.25)
+    p.grad = torch.tensor([1.0, -1.0, 1.0, -1.0])  # first update: all ±1, RMS 1
+    opt.step()
+    torch.testing.assert_close(p.detach(), torch.tensor([-0.25, 0.25, -0.25, 0.25]))
+
+
+def test_bfloat16_state():
+    _, opt = train(AdamW, steps=2, state_dtype=torch.bfloat16)
+    state = next(iter(opt.state.values()))
+    assert state["exp_avg"].dtype == torch.bfloat16
+
+
+def test_rejects_non_positive_clips():
+    with pytest.raises(ValueError, match="update_clip"):
+        AdamW([torch.nn.Parameter(torch.zeros(1))], update_clip=0.0)

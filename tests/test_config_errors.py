@@ -1,0 +1,54 @@
+"""Bad input stops the run at start-up with one line that names the key or value."""
+
+from __future__ import annotations
+
+from conftest import requires_xla, run_train
+
+
+def cause_line(stderr: str, needle: str) -> str:
+    lines = [line for line in stderr.splitlines() if needle in line]
+    assert lines, f"no line of stderr names {needle!r}:\n{stderr[-2000:]}"
+    return lines[0]
+
+
+def test_a_typo_in_a_key_names_the_key(tmp_path):
+    proc = run_train("backend=cpu", "trainer.max_stepz=3", f"output_dir={tmp_path}")
+    assert proc.returncode != 0
+    cause_line(proc.stderr, "max_stepz")
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_a_wrong_type_names_the_key_and_value(tmp_path):
+    proc = run_train("backend=cpu", "trainer.max_steps=many", f"output_dir={tmp_path}")
+    assert proc.returncode != 0
+    assert "many" in cause_line(proc.stderr, "max_steps")
+
+
+def test_an_unknown_group_option_names_the_option(tmp_path):
+    proc = run_train("backend=cpu", "model=llama_9000", f"output_dir={tmp_path}")
+    assert proc.returncode != 0
+    cause_line(proc.stderr, "llama_9000")
+
+
+def test_a_cross_key_problem_is_one_error_line(tmp_path):
+    proc = run_train("backend=cpu", "data.block_size=4096", f"output_dir={tmp_path}")
+    assert proc.returncode == 2
+    line = cause_line(proc.stderr, "data.block_size=4096")
+    assert line.startswith("error: ") and "max_position_embeddings=2048" in line
+
+
+@requires_xla
+def test_a_mesh_that_does_not_match_the_devices_shows_both(tmp_path):
+    proc = run_train("cpu_devices=4", "ici_mesh.fsdp=8", f"output_dir={tmp_path}")
+    assert proc.returncode == 2
+    line = cause_line(proc.stderr, "error: ")
+    assert "fsdp: 8" in line and "there are 4" in line
+
+
+def test_a_batch_the_mesh_cannot_split_names_both(tmp_path):
+    proc = run_train(
+        "backend=cpu", "trainer.global_batch_size=6", "ici_mesh.fsdp=4", f"output_dir={tmp_path}"
+    )
+    assert proc.returncode == 2
+    line = cause_line(proc.stderr, "error: ")
+    assert "trainer.global_batch_size=6" in line and "4 data-parallel devices" in line

@@ -1,0 +1,45 @@
+"""The logical mesh: sizes, -1 filling and the device-count check."""
+
+from __future__ import annotations
+
+import pytest
+
+from torchprime.errors import ConfigError
+from torchprime.mesh import MeshAxesConfig, resolve_mesh
+
+
+def test_mesh_shape_multiplies_ici_and_dcn():
+    mesh = resolve_mesh(MeshAxesConfig(fsdp=4, tensor=2), MeshAxesConfig(data=2), 16)
+    assert mesh.shape == {"data": 2, "fsdp": 4, "expert": 1, "tensor": 2, "context": 1}
+    assert mesh.num_devices == 16 and mesh.num_slices == 2
+    assert mesh.size(("data", "fsdp")) == 8 and mesh.size(None) == 1
+    assert mesh.describe() == "data=2 x fsdp=4 x tensor=2 (2 slices)"
+
+
+def test_minus_one_takes_the_devices_left():
+    mesh = resolve_mesh(MeshAxesConfig(fsdp=-1, tensor=2), MeshAxesConfig(), 8)
+    assert mesh.shape["fsdp"] == 4
+
+
+def test_product_must_equal_the_device_count():
+    with pytest.raises(ConfigError, match=r"ici_mesh \{fsdp: 8\} .* = 8 devices, but there are 4"):
+        resolve_mesh(MeshAxesConfig(fsdp=8), MeshAxesConfig(), 4)
+
+
+def test_minus_one_that_cannot_fill_names_the_axis():
+    with pytest.raises(ConfigError, match=r"ici_mesh.fsdp=-1 cannot fill 6 devices"):
+        resolve_mesh(MeshAxesConfig(fsdp=-1, tensor=4), MeshAxesConfig(), 6)
+
+
+def test_bad_sizes_name_the_key():
+    with pytest.raises(ConfigError, match=r"ici_mesh.tensor=0"):
+        resolve_mesh(MeshAxesConfig(tensor=0), MeshAxesConfig(), 1)
+    with pytest.raises(ConfigError, match=r"dcn_mesh.data=-1"):
+        resolve_mesh(MeshAxesConfig(), MeshAxesConfig(data=-1), 1)
+    with pytest.raises(ConfigError, match=r"only one axis may be -1"):
+        resolve_mesh(MeshAxesConfig(fsdp=-1, tensor=-1), MeshAxesConfig(), 4)
+
+
+def test_without_a_device_count_the_mesh_is_only_described():
+    mesh = resolve_mesh(MeshAxesConfig(fsdp=256), MeshAxesConfig(), None)
+    assert mesh.num_devices == 256
