@@ -1,6 +1,6 @@
 # The two set-up commands of the README. Both create .venv with the pinned dependencies
 # (torch_xla included) the first time, and reinstall when pyproject.toml changes.
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed
 
