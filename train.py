@@ -47,6 +47,7 @@ def run(raw: DictConfig) -> TrainSummary:
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     validate(cfg, tokenizer.vocab_size)
     output_dir = Path(cfg.output_dir)
+    check_no_previous_run(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(raw, resolve=True))
 
@@ -88,6 +89,16 @@ def run(raw: DictConfig) -> TrainSummary:
         tokens_per_step=cfg.trainer.global_batch_size * cfg.data.block_size,
     )
     return trainer.train()
+
+
+def check_no_previous_run(output_dir: Path) -> None:
+    """Refuse to write over another run's metrics or checkpoints."""
+    found = [p.name for p in (output_dir / "metrics.jsonl", output_dir / "checkpoints") if p.exists()]
+    if found:
+        raise ConfigError(
+            f"output_dir={output_dir} already holds a run ({', '.join(found)}); choose another "
+            "output_dir or run_name, or move that run away. Nothing was changed."
+        )
 
 
 def format_summary(s: TrainSummary) -> str:

@@ -43,8 +43,9 @@ class TrainConfig:
     """Mesh axes inside a slice (fast interconnect)."""
     dcn_mesh: MeshAxesConfig = field(default_factory=MeshAxesConfig)
     """Mesh axes across slices (data-center network); all 1 on a single slice."""
-    run_name: str = "default"
-    """Names the run (output folder, wandb)."""
+    run_name: str = "run"
+    """Names the run (output folder, wandb). configs/default.yaml makes it the start time, so
+    every run gets a new folder; name it yourself to find the run again."""
     output_dir: str = "outputs/${run_name}"
     """Where config.yaml, metrics.jsonl, checkpoints/ and the log go."""
     model: LlamaConfig = field(default_factory=LlamaConfig)

@@ -52,3 +52,12 @@ def test_a_batch_the_mesh_cannot_split_names_both(tmp_path):
     assert proc.returncode == 2
     line = cause_line(proc.stderr, "error: ")
     assert "trainer.global_batch_size=6" in line and "4 data-parallel devices" in line
+
+
+def test_a_second_run_into_the_same_output_dir_is_refused_and_changes_nothing(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    proc = run_train("backend=cpu", f"output_dir={tmp_path}")
+    assert proc.returncode == 2
+    assert f"output_dir={tmp_path} already holds a run (metrics.jsonl)" in proc.stderr
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
+    assert not (tmp_path / "config.yaml").exists()
