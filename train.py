@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from data.pipeline import TextBatches
 from data.tokenizers import build_tokenizer
 from models import build_model
+from torchprime.attention import check_attention_kernel
 from torchprime.backend import select_backend
 from torchprime.errors import ConfigError
 from torchprime.mesh import resolve_mesh
@@ -58,15 +59,33 @@ def run(raw: DictConfig) -> TrainSummary:
         cfg.ici_mesh, cfg.dcn_mesh, backend.device_count if backend.is_xla else None
     )
     check_batch_divisible(cfg.trainer.global_batch_size, mesh)
+    check_attention_kernel(
+        cfg.model.attention_kernel,
+        cfg.model.attention_block_sizes,
+        backend.device_kind,
+        cfg.model.is_causal,
+        cfg.data.block_size,
+        uses_bias=False,  # concat packing makes no attention bias
+    )
     log.info("backend: %s, mesh: %s", backend.describe(), mesh.describe())
 
     # 3. The model: shapes on the meta device, sharding planned and checked there, then each
-    #    module initialized from the seed on the host and sent to the devices as shards.
+    #    module initialized on the host (from the seed, or read from an HF checkpoint) and sent
+    #    to the devices as shards.
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, DTYPES[cfg.dtype])
     specs = plan_parameter_specs(model, cfg.model.sharding, mesh)
     generator = torch.Generator().manual_seed(cfg.seed)
-    materialize(model, specs, mesh, backend, model.init_module_weights, generator)
+    if cfg.model.pretrained_path:
+        from models.hf import check_matches, hf_weights_init
+
+        check_matches(cfg.model, cfg.model.pretrained_path)
+        weights = hf_weights_init(cfg.model.pretrained_path)
+        materialize(model, specs, mesh, backend, weights, generator)
+        weights.check_all_used()
+        log.info("model: weights from %s", cfg.model.pretrained_path)
+    else:
+        materialize(model, specs, mesh, backend, model.init_module_weights, generator)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %s, %.2fM parameters, %s", cfg.model.name, n_params / 1e6, cfg.dtype)
     if backend.is_xla and (left := replicated(specs)):

@@ -15,11 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchprime.attention import tpu_attention
 from torchprime.errors import ConfigError
 from torchprime.sharding import ShardingConfig
 
 IGNORE_INDEX = -100
-ATTENTION_KERNELS = ("eager", "sdpa")
+ATTENTION_KERNELS = ("eager", "sdpa", "flash", "splash")
 
 
 @dataclass
@@ -67,9 +68,21 @@ class LlamaConfig:
     scale_output_init: bool = False
     """Divide the init std of o_proj and down_proj by sqrt(2 * num_hidden_layers) (GPT-2 style)."""
     attention_kernel: str = "sdpa"
-    """eager (reference math) or sdpa (torch.nn.functional.scaled_dot_product_attention)."""
+    """eager (reference math), sdpa (torch.nn.functional.scaled_dot_product_attention), or on
+    TPU the Pallas kernels flash and splash (torchprime/attention.py)."""
+    attention_block_sizes: dict[str, int] = field(default_factory=dict)
+    """flash / splash block sizes overriding torch_xla's defaults (names and defaults in
+    torchprime/attention.py: block_q, block_k_major, ... for flash; sa_block_q, ... for splash).
+    The sequence is padded up to a multiple of the q/kv blocks."""
     is_causal: bool = True
     """Causal language model; false gives bidirectional attention."""
+    shift_before_head: bool = True
+    """With labels, leave out the last position (it predicts nothing) before the LM head, so
+    the [batch, sequence, vocab] logits are never made for it: the same loss, and logits of
+    sequence - 1 positions. false: logits for every position, as HF returns them."""
+    pretrained_path: Optional[str] = None
+    """An HF Llama folder (config.json + safetensors) to start from instead of a random init;
+    its architecture must match this config."""
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     """Partition specs of the parameters (configs/model/sharding/)."""
 
@@ -177,7 +190,13 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        bias: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -186,25 +205,61 @@ class LlamaAttention(nn.Module):
         groups = self.num_heads // self.num_kv_heads
         k = k.repeat_interleave(groups, dim=1)  # [B, H, T, D]
         v = v.repeat_interleave(groups, dim=1)
-        if self.cfg.attention_kernel == "sdpa":
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.cfg.is_causal)
+        kernel = self.cfg.attention_kernel
+        if kernel == "sdpa":
+            out = sdpa_attention(q, k, v, self.cfg.is_causal, bias)
+        elif kernel == "eager":
+            out = eager_attention(q, k, v, self.cfg.is_causal, bias)
         else:
-            out = eager_attention(q, k, v, self.cfg.is_causal)
+            out = tpu_attention(
+                kernel, q, k, v, self.cfg.is_causal, bias, self.cfg.attention_block_sizes
+            )
         out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
         return self.o_proj(out)
 
 
+def causal_bias(T: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[T, T] additive mask: 0 where a query may see a key, the dtype's minimum above the
+    diagonal (the future)."""
+    future = torch.ones(T, T, dtype=torch.bool, device=device).triu(1)
+    return torch.zeros(T, T, dtype=dtype, device=device).masked_fill(future, torch.finfo(dtype).min)
+
+
 def eager_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    is_causal: bool,
+    bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """softmax(q kᵀ / √D + mask) v, written out: the reference the kernels are checked against."""
+    """softmax(q kᵀ / √D + mask + bias) v, written out: the reference the kernels match."""
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # [B, H, T, T]
     if is_causal:
-        T = q.shape[-2]
-        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-        scores = scores.masked_fill(future, torch.finfo(scores.dtype).min)
+        scores = scores + causal_bias(q.shape[-2], scores.dtype, q.device)
+    if bias is not None:
+        # Two blocking terms must not add up to -inf: a row with every key blocked would
+        # give NaN instead of a harmless uniform average.
+        scores = (scores + bias.to(scores.dtype)).clamp(min=torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     return probs @ v
+
+
+def sdpa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    is_causal: bool,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """PyTorch's fused attention; it takes a causal flag or a mask, not both, so a bias is
+    combined with the causal mask here."""
+    if bias is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+    mask = bias.to(q.dtype)
+    if is_causal:
+        mask = mask + causal_bias(q.shape[-2], q.dtype, q.device)
+        mask = mask.clamp(min=torch.finfo(q.dtype).min)  # see eager_attention
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class LlamaMLP(nn.Module):
@@ -226,8 +281,14 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        bias: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, bias)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -241,11 +302,16 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(cfg)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_bias: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [B, T, E]
         cos, sin = self.rotary_emb(position_ids, x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            x = layer(x, cos, sin, attention_bias)
         return self.norm(x)
 
 
@@ -299,32 +365,46 @@ class LlamaForCausalLM(nn.Module):
         input_ids: torch.Tensor,
         labels: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.Tensor] = None,
+        attention_bias: Optional[torch.Tensor] = None,
     ) -> CausalLMOutput:
-        """`labels` are aligned with `input_ids` (token t is predicted at t - 1), -100 ignored."""
+        """input_ids, labels, position_ids: [B, T]. `labels` are aligned with `input_ids` (the
+        token at t is predicted from position t - 1); -100 marks positions without a label.
+        attention_bias: added to the attention scores, broadcastable to [B, heads, T, T] (0 to
+        attend, a large negative number to block; see models/masks.py), on top of the causal
+        mask when the model is causal."""
         if position_ids is None:
             T = input_ids.shape[1]
             position_ids = torch.arange(T, device=input_ids.device).expand_as(input_ids)
-        hidden = self.model(input_ids, position_ids)
-        logits = self.lm_head(hidden)
-        loss = None if labels is None else causal_lm_loss(logits, labels)
+        hidden = self.model(input_ids, position_ids, attention_bias)  # [B, T, E]
+        if labels is None:
+            return CausalLMOutput(logits=self.lm_head(hidden), loss=None)
+        if self.config.shift_before_head:
+            logits = self.lm_head(hidden[:, :-1])  # [B, T-1, vocab]: position t predicts t+1
+            loss = cross_entropy(logits, labels[:, 1:])
+        else:
+            logits = self.lm_head(hidden)
+            loss = causal_lm_loss(logits, labels)
         return CausalLMOutput(logits=logits, loss=loss)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of next-token predictions over the positions that have a label.
+    """Next-token loss from logits of every position; labels aligned with the inputs."""
+    return cross_entropy(logits[:, :-1], labels[:, 1:])
 
-    Summed then divided by the count of real tokens in the whole (global) batch, so the value
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the targets that are not -100, computed in float32.
+
+    Summed then divided by the count of real targets in the whole (global) batch, so the value
     does not depend on how the batch is split over devices.
     """
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
     total = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]),
-        shift_labels.reshape(-1),
+        logits.float().reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
         ignore_index=IGNORE_INDEX,
         reduction="sum",
     )
-    count = (shift_labels != IGNORE_INDEX).sum().clamp(min=1)
+    count = (targets != IGNORE_INDEX).sum().clamp(min=1)
     return total / count
 
 

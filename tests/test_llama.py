@@ -117,3 +117,29 @@ def test_bfloat16_parameters_keep_float32_rope_frequencies():
     model = build_model(LlamaConfig(), torch.bfloat16)
     assert model.lm_head.weight.dtype == torch.bfloat16
     assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+
+
+def test_shifting_before_the_head_gives_the_same_loss_with_one_position_less():
+    ids = tokens()
+    labels = ids.clone()
+    labels[1, :5] = IGNORE_INDEX
+    shifted = make(shift_before_head=True)(ids, labels=labels)
+    full = make(shift_before_head=False)(ids, labels=labels)
+    assert shifted.logits.shape == (2, 15, 264) and full.logits.shape == (2, 16, 264)
+    torch.testing.assert_close(shifted.loss, full.loss)
+    torch.testing.assert_close(shifted.logits, full.logits[:, :-1])
+
+
+def test_bfloat16_model_trains_close_to_float32():
+    ids = tokens()
+    losses = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = build_model(LlamaConfig(), dtype)
+        model.to_empty(device="cpu")
+        model.init_weights(torch.Generator().manual_seed(0))
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        assert out.loss.dtype == torch.float32  # the loss is computed in float32
+        assert all(p.grad.dtype == dtype and torch.isfinite(p.grad).all() for p in model.parameters())
+        losses[dtype] = out.loss.item()
+    assert losses[torch.bfloat16] == pytest.approx(losses[torch.float32], rel=2e-2)

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from torchprime.errors import ConfigError
@@ -77,7 +78,9 @@ def plan_parameter_specs(
     Errors name the pattern: one that matches no parameter (with the closest real names), a
     spec of the wrong length, an unknown axis, or a dimension its axes do not divide.
     """
-    params = dict(model.named_parameters())
+    # Tied parameters appear under every name (the LM head and the embedding, say), so a
+    # pattern may name either; they must not be given different layouts.
+    params = dict(model.named_parameters(remove_duplicate=False))
     specs: dict[str, PartitionSpec] = {}
     for pattern, raw in cfg.parameters.items():
         where = f"{key}[{pattern!r}]"
@@ -104,9 +107,28 @@ def plan_parameter_specs(
             if name in specs and specs[name] != spec:
                 raise ConfigError(f"{where}: {name} is already sharded by another pattern.")
             specs[name] = spec
+    return _unify_tied(params, specs, key)
+
+
+def _unify_tied(
+    params: dict[str, torch.nn.Parameter], specs: dict[str, PartitionSpec], key: str
+) -> dict[str, PartitionSpec]:
+    """One spec per tensor: the one its names were given (or replicated), under every name."""
+    names_of: dict[int, list[str]] = {}
     for name, param in params.items():
-        specs.setdefault(name, (None,) * param.dim())
-    return specs
+        names_of.setdefault(id(param), []).append(name)
+    result: dict[str, PartitionSpec] = {}
+    for names in names_of.values():
+        given = {specs[n] for n in names if n in specs}
+        if len(given) > 1:
+            raise ConfigError(
+                f"{key}: {' and '.join(names)} are one tied tensor but are given different "
+                f"specs {sorted(map(list, given))}."
+            )
+        spec = given.pop() if given else (None,) * params[names[0]].dim()
+        for n in names:
+            result[n] = spec
+    return result
 
 
 def replicated(specs: dict[str, PartitionSpec]) -> list[str]:

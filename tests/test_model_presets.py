@@ -1,0 +1,61 @@
+"""The shipped model presets compose through Hydra's schema and have the published sizes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from conftest import ROOT
+from models import build_model
+from torchprime.mesh import MeshAxesConfig, resolve_mesh
+from torchprime.sharding import plan_parameter_specs, replicated
+from train_config import TrainConfig, register_schema
+
+register_schema()
+
+PUBLISHED = {
+    "llama3_2_1b": 1_235_814_400,
+    "llama3_8b": 8_030_261_248,
+    "llama3_1_8b": 8_030_261_248,
+    "llama3_1_70b": 70_553_706_496,
+    "llama3_1_405b": 405_853_388_800,
+}
+
+
+def composed(*overrides: str) -> TrainConfig:
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        return OmegaConf.to_object(compose("default", overrides=list(overrides)))
+
+
+@pytest.mark.parametrize("preset", sorted(PUBLISHED))
+def test_preset_has_the_published_parameter_count(preset):
+    cfg = composed(f"model={preset}")
+    model = build_model(cfg.model, torch.bfloat16)  # meta device: no memory
+    assert sum(p.numel() for p in model.parameters()) == PUBLISHED[preset]
+
+
+@pytest.mark.parametrize("preset", sorted(PUBLISHED))
+def test_fsdp_sharding_covers_every_matrix_of_the_preset_on_256_devices(preset):
+    cfg = composed(f"model={preset}")
+    model = build_model(cfg.model, torch.bfloat16)
+    mesh = resolve_mesh(MeshAxesConfig(fsdp=256), MeshAxesConfig(), 256)
+    specs = plan_parameter_specs(model, cfg.model.sharding, mesh)
+    assert replicated(specs) == []
+
+
+def test_a_tied_head_shares_the_embedding_spec():
+    cfg = composed("model=llama3_2_1b")
+    model = build_model(cfg.model, torch.bfloat16)
+    mesh = resolve_mesh(MeshAxesConfig(fsdp=4), MeshAxesConfig(), 4)
+    specs = plan_parameter_specs(model, cfg.model.sharding, mesh)
+    assert specs["lm_head.weight"] == specs["model.embed_tokens.weight"] == ("fsdp", None)
+
+
+def test_the_tiny_default_is_a_gqa_llama():
+    cfg = composed()
+    assert (cfg.model.num_attention_heads, cfg.model.num_key_value_heads) == (4, 2)
+    assert cfg.model.rope_scaling is None
+    scaled = composed("model=llama3_1_8b").model.rope_scaling
+    assert (scaled.factor, scaled.original_max_position_embeddings) == (8.0, 8192)

@@ -1,0 +1,175 @@
+"""The Pallas attention kernels of torch_xla (flash, splash): checks at start-up, dispatch on TPU.
+
+Pallas kernels compile only for TPU. Asking for one elsewhere must fail before anything runs,
+not at the first forward pass, so `check_attention_kernel` runs at start-up; `tpu_attention`
+is what the model calls on TPU. torch_xla is imported inside the functions that run there.
+
+Sequences are padded up to the kernels' block sizes (a causal model never attends to the
+padding, which comes after every real token) and the output is cut back.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from torchprime.errors import ConfigError
+
+TPU_KERNELS = ("flash", "splash")
+#: Block sizes each kernel takes (its defaults in torch_xla 2.9), settable by
+#: model.attention_block_sizes.
+BLOCK_SIZES = {
+    "flash": {
+        "block_q": 512,
+        "block_k_major": 512,
+        "block_k": 512,
+        "block_b": 2,
+        "block_q_major_dkv": 512,
+        "block_k_major_dkv": 512,
+        "block_q_dkv": 512,
+        "block_k_dkv": 512,
+        "block_q_dq": 1024,
+        "block_k_dq": 256,
+        "block_k_major_dq": 512,
+    },
+    "splash": {
+        "sa_block_q": 2048,
+        "sa_block_kv": 2048,
+        "sa_block_kv_compute": 2048,
+        "sa_block_q_dkv": 2048,
+        "sa_block_kv_dkv": 2048,
+        "sa_block_kv_dkv_compute": 2048,
+        "sa_block_q_dq": 2048,
+        "sa_block_kv_dq": 2048,
+    },
+}
+#: The sequence (lane) granularity of the TPU kernels.
+LANE = 128
+#: [batch, heads, sequence, head_dim]: batch over the data-parallel axes, heads over tensor.
+QKV_SPEC = (("data", "fsdp"), "tensor", None, None)
+
+
+def block_sizes(kernel: str, overrides: dict[str, int]) -> dict[str, int]:
+    return {**BLOCK_SIZES[kernel], **overrides}
+
+
+def padded_length(kernel: str, sizes: dict[str, int], seq_len: int) -> int:
+    """The sequence length the kernel runs at: a multiple of its q/kv blocks (or of the lane
+    width when the sequence is shorter than a block)."""
+    if kernel == "flash":
+        block = max(sizes["block_q"], sizes["block_k_major"])
+    else:
+        block = max(sizes["sa_block_q"], sizes["sa_block_kv"])
+    unit = block if seq_len >= block else LANE
+    return math.ceil(seq_len / unit) * unit
+
+
+def check_attention_kernel(
+    kernel: str,
+    overrides: dict[str, int],
+    device_kind: str,
+    is_causal: bool,
+    seq_len: int,
+    uses_bias: bool,
+    key: str = "model",
+) -> None:
+    """Everything that would stop a kernel on the device, said before the run starts."""
+    if kernel not in TPU_KERNELS:
+        if overrides:
+            raise ConfigError(
+                f"{key}.attention_block_sizes is set but {key}.attention_kernel={kernel!r} "
+                f"takes no block sizes (they are for {', '.join(TPU_KERNELS)})."
+            )
+        return
+    if not device_kind.startswith("TPU"):
+        raise ConfigError(
+            f"{key}.attention_kernel={kernel!r} is a Pallas kernel that runs only on TPU; this "
+            f"run's devices are {device_kind}. Use {key}.attention_kernel=sdpa (or eager) here."
+        )
+    unknown = sorted(set(overrides) - set(BLOCK_SIZES[kernel]))
+    if unknown:
+        raise ConfigError(
+            f"{key}.attention_block_sizes: {', '.join(unknown)} not known to {kernel}; it takes "
+            f"{', '.join(BLOCK_SIZES[kernel])}."
+        )
+    sizes = block_sizes(kernel, overrides)
+    for name, size in sizes.items():
+        granule = 1 if name == "block_b" else LANE
+        if size < 1 or size % granule:
+            raise ConfigError(
+                f"{key}.attention_block_sizes.{name}={size}: must be a positive multiple of "
+                f"{granule}."
+            )
+    if kernel == "splash" and uses_bias:
+        raise ConfigError(
+            f"{key}.attention_kernel=splash takes no elementwise attention bias (the data "
+            "pipeline makes one); use flash, or a packing without a bias."
+        )
+    if not is_causal and padded_length(kernel, sizes, seq_len) != seq_len:
+        raise ConfigError(
+            f"{key}: a bidirectional model on {kernel} needs a sequence length the blocks "
+            f"divide; {seq_len} would be padded to {padded_length(kernel, sizes, seq_len)} and "
+            "the padding attended to. Change data.block_size or the block sizes."
+        )
+
+
+def tpu_attention(
+    kernel: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    is_causal: bool,
+    bias: Optional[torch.Tensor],
+    overrides: dict[str, int],
+) -> torch.Tensor:
+    """softmax(q kᵀ / √D + bias) v on a TPU kernel; q, k, v: [B, H, T, D], same head count."""
+    import torch_xla.distributed.spmd as xs
+
+    sizes = block_sizes(kernel, overrides)
+    T = q.shape[2]
+    padded = padded_length(kernel, sizes, T)
+    if padded != T:
+        q, k, v = (F.pad(t, (0, 0, 0, padded - T)) for t in (q, k, v))
+        if bias is not None:
+            bias = F.pad(bias, (0, padded - T, 0, padded - T))
+    mesh = xs.get_global_mesh()
+    if kernel == "flash":
+        out = _flash(q, k, v, is_causal, bias, sizes, mesh)
+    else:
+        out = _splash(q, k, v, is_causal, sizes, mesh)
+    return out[:, :, :T]
+
+
+def _flash(q, k, v, is_causal, bias, sizes, mesh):
+    from torch_xla.experimental.custom_kernel import FlashAttention, flash_attention
+
+    # torch_xla reads the block sizes from this class attribute at trace time.
+    FlashAttention.DEFAULT_BLOCK_SIZES = dict(sizes)
+    if bias is not None:
+        bias = bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2]).to(q.dtype)
+    return flash_attention(
+        q,
+        k,
+        v,
+        causal=is_causal,
+        sm_scale=1.0 / math.sqrt(q.shape[-1]),
+        ab=bias,
+        partition_spec=QKV_SPEC,
+        mesh=mesh,
+    )
+
+
+def _splash(q, k, v, is_causal, sizes, mesh):
+    from torch_xla.experimental.splash_attention import SplashAttentionConfig, splash_attention
+
+    config = SplashAttentionConfig(
+        mesh=str(mesh),
+        qkv_partition_spec=QKV_SPEC,
+        segment_ids_partition_spec=(QKV_SPEC[0], None),
+        **sizes,
+    )
+    # The kernel does not scale the scores itself.
+    return splash_attention(q / math.sqrt(q.shape[-1]), k, v, config.to_json(), causal=is_causal)
