@@ -17,15 +17,30 @@ from omegaconf import DictConfig, OmegaConf
 from data.pipeline import TextBatches
 from data.tokenizers import build_tokenizer
 from models import build_model
+from optimizers.groups import param_groups
 from torchprime.attention import check_attention_kernel
 from torchprime.backend import select_backend
 from torchprime.errors import ConfigError
 from torchprime.mesh import resolve_mesh
 from torchprime.materialize import materialize
-from torchprime.sharding import check_batch_divisible, plan_parameter_specs, replicated
-from train_config import DTYPES, TrainConfig, mesh_size, register_schema, validate
+from torchprime.rewriting import apply_rewriting
+from torchprime.sharding import (
+    check_batch_divisible,
+    plan_activation_specs,
+    plan_parameter_specs,
+    replicated,
+    shard_activations,
+)
+from train_config import (
+    DTYPES,
+    TrainConfig,
+    check_batch_split,
+    mesh_size,
+    register_schema,
+    validate,
+)
 from trainers import get_trainer_class
-from trainers.base_trainer import TrainSummary
+from trainers.base_trainer import TrainingError, TrainSummary
 
 log = logging.getLogger("train")
 register_schema()
@@ -38,6 +53,9 @@ def main(raw: DictConfig) -> None:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     print(format_summary(summary))
 
 
@@ -48,7 +66,7 @@ def run(raw: DictConfig) -> TrainSummary:
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     validate(cfg, tokenizer.vocab_size)
     output_dir = Path(cfg.output_dir)
-    check_no_previous_run(output_dir)
+    check_no_previous_run(output_dir, cfg.trainer.resume)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(raw, resolve=True))
 
@@ -59,15 +77,23 @@ def run(raw: DictConfig) -> TrainSummary:
         cfg.ici_mesh, cfg.dcn_mesh, backend.device_count if backend.is_xla else None
     )
     check_batch_divisible(cfg.trainer.global_batch_size, mesh)
+    micro_batch = check_batch_split(cfg, mesh, backend.process_count)
     check_attention_kernel(
         cfg.model.attention_kernel,
         cfg.model.attention_block_sizes,
         backend.device_kind,
         cfg.model.is_causal,
         cfg.data.block_size,
-        uses_bias=False,  # concat packing makes no attention bias
+        uses_bias=cfg.data.packing == "document",  # documents kept apart by a bias
     )
     log.info("backend: %s, mesh: %s", backend.describe(), mesh.describe())
+
+    # The data before the model: a wrong path or an empty source fails in seconds, not after
+    # the weights are built. This host's part of the stream, in micro-batches of its share of
+    # the global batch (grad_accum_steps of them make one step).
+    batches = TextBatches(
+        cfg.data, tokenizer, micro_batch, backend.process_index, backend.process_count, cfg.seed
+    )
 
     # 3. The model: shapes on the meta device, sharding planned and checked there, then each
     #    module initialized on the host (from the seed, or read from an HF checkpoint) and sent
@@ -75,6 +101,8 @@ def run(raw: DictConfig) -> TrainSummary:
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, DTYPES[cfg.dtype])
     specs = plan_parameter_specs(model, cfg.model.sharding, mesh)
+    opt = cfg.trainer.optimizer
+    param_groups(model, opt.weight_decay, dict(opt.lr_multipliers))  # patterns checked on meta
     generator = torch.Generator().manual_seed(cfg.seed)
     if cfg.model.pretrained_path:
         from models.hf import check_matches, hf_weights_init
@@ -88,16 +116,18 @@ def run(raw: DictConfig) -> TrainSummary:
         materialize(model, specs, mesh, backend, model.init_module_weights, generator)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %s, %.2fM parameters, %s", cfg.model.name, n_params / 1e6, cfg.dtype)
+    activation_specs = plan_activation_specs(model, cfg.model.sharding)
+    if backend.is_xla:
+        shard_activations(model, activation_specs, mesh, backend)
     if backend.is_xla and (left := replicated(specs)):
         log.info("sharding: %d parameters replicated (no pattern): %s", len(left), ", ".join(left))
 
-    # 4. The data: this host's part of the stream, batched to its share of the global batch.
-    host_batch = cfg.trainer.global_batch_size // backend.process_count
-    batches = TextBatches(
-        cfg.data, tokenizer, host_batch, backend.process_index, backend.process_count
-    )
+    # 4. Rewriting for compile time and memory: XLA linear, remat, scan, barriers (in that
+    #    order; torchprime/rewriting.py), before the optimizer sees the parameters.
+    apply_rewriting(model, cfg.model.remat, backend)
 
-    # 5. Train.
+    # 5. Train: from the checkpoint trainer.resume names, if any; metrics to metrics.jsonl
+    #    and, on the first host, to wandb (the same wandb run when resuming).
     trainer = get_trainer_class(cfg.trainer.name)(
         cfg.trainer,
         model,
@@ -106,27 +136,42 @@ def run(raw: DictConfig) -> TrainSummary:
         batches,
         output_dir,
         tokens_per_step=cfg.trainer.global_batch_size * cfg.data.block_size,
+        seq_len=cfg.data.block_size,
     )
+    trainer.restore()
+    if cfg.wandb.enabled and backend.process_index == 0:
+        from trainers.wandb_logger import WandbLogger
+
+        resolved = OmegaConf.to_container(raw, resolve=True)
+        trainer.loggers.append(WandbLogger(cfg.wandb, cfg.run_name, output_dir, resolved))
     return trainer.train()
 
 
-def check_no_previous_run(output_dir: Path) -> None:
-    """Refuse to write over another run's metrics or checkpoints."""
+def check_no_previous_run(output_dir: Path, resume: str = "never") -> None:
+    """Refuse to write over another run's metrics or checkpoints, unless asked to resume it
+    (trainer.resume=auto or a checkpoint: the run continues in place)."""
+    if resume != "never":
+        return
     found = [p.name for p in (output_dir / "metrics.jsonl", output_dir / "checkpoints") if p.exists()]
     if found:
         raise ConfigError(
-            f"output_dir={output_dir} already holds a run ({', '.join(found)}); choose another "
-            "output_dir or run_name, or move that run away. Nothing was changed."
+            f"output_dir={output_dir} already holds a run ({', '.join(found)}); continue it with "
+            "trainer.resume=auto, or choose another output_dir or run_name, or move that run "
+            "away. Nothing was changed."
         )
 
 
 def format_summary(s: TrainSummary) -> str:
-    drop = 100 * (s.first_loss - s.last_loss) / s.first_loss if s.first_loss else 0.0
-    lines = [
-        "",
-        "run finished",
-        f"  steps         {s.steps}",
-        f"  loss          {s.first_loss:.4f} -> {s.last_loss:.4f} ({drop:.0f}% lower)",
+    lines = ["", f"run stopped ({s.stopped})" if s.stopped else "run finished"]
+    if s.resumed_from:
+        lines.append(f"  resumed from  {s.resumed_from}")
+    lines.append(f"  steps         {s.steps}" + (f" of {s.max_steps}" if s.stopped else ""))
+    if s.first_loss is not None and s.last_loss is not None:
+        drop = 100 * (s.first_loss - s.last_loss) / s.first_loss if s.first_loss else 0.0
+        lines.append(f"  loss          {s.first_loss:.4f} -> {s.last_loss:.4f} ({drop:.0f}% lower)")
+    if s.skipped_steps:
+        lines.append(f"  skipped       {s.skipped_steps} steps (non-finite gradients)")
+    lines += [
         f"  throughput    {s.tokens_per_sec:,.0f} tokens/s (after the first step)",
         f"  time          {s.elapsed_s:.1f} s",
     ]
@@ -134,6 +179,10 @@ def format_summary(s: TrainSummary) -> str:
         lines.append(f"  compilations  {s.compiles}")
     lines.append(f"  metrics       {s.metrics_path}")
     lines.append(f"  checkpoint    {s.checkpoint or '(none saved)'}")
+    if s.hf_export:
+        lines.append(f"  hf export     {s.hf_export}")
+    if s.stopped:
+        lines.append("  continue with the same command and trainer.resume=auto")
     return "\n".join(lines)
 
 

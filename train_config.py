@@ -9,16 +9,20 @@ at once.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import torch
 from hydra.core.config_store import ConfigStore
 
+from collators import COLLATORS
 from data.config import DataConfig
+from data.packing import PACKINGS
 from models.llama import LlamaConfig
 from torchprime.errors import ConfigError
-from torchprime.mesh import MeshAxesConfig
-from trainers.config import TrainerConfig
+from torchprime.mesh import Mesh, MeshAxesConfig
+from torchprime.sharding import BATCH_SPEC
+from trainers.config import TrainerConfig, WandbConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 #: torch_xla 2.9 trains on up to 64 virtual CPU devices; at 128 its autograd engine asserts.
@@ -51,6 +55,8 @@ class TrainConfig:
     model: LlamaConfig = field(default_factory=LlamaConfig)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Weights & Biases logging (off by default)."""
 
 
 def register_schema() -> None:
@@ -66,6 +72,22 @@ def mesh_size(cfg: TrainConfig) -> Optional[int]:
     for n in sizes:
         total *= n
     return total
+
+
+def check_batch_split(cfg: TrainConfig, mesh: Mesh, process_count: int) -> int:
+    """The rows of one micro-batch on this host. The global batch must split into
+    grad_accum_steps micro-batches, each over the data-parallel devices and the hosts."""
+    t = cfg.trainer
+    ways = mesh.size(BATCH_SPEC[0])
+    parts = t.grad_accum_steps * ways
+    if t.global_batch_size % parts or t.global_batch_size % (t.grad_accum_steps * process_count):
+        raise ConfigError(
+            f"trainer.global_batch_size={t.global_batch_size} does not split into "
+            f"trainer.grad_accum_steps={t.grad_accum_steps} micro-batches over the {ways} "
+            f"data-parallel devices (data x fsdp) of mesh {mesh.describe()}: it must be a "
+            f"multiple of {parts}."
+        )
+    return t.global_batch_size // process_count // t.grad_accum_steps
 
 
 def validate(cfg: TrainConfig, tokenizer_vocab_size: int) -> None:
@@ -92,12 +114,51 @@ def validate(cfg: TrainConfig, tokenizer_vocab_size: int) -> None:
         t.max_grad_norm is None or t.max_grad_norm > 0,
         f"trainer.max_grad_norm={t.max_grad_norm}: must be positive (or null).",
     )
+    for key, value in (
+        ("max_grad_value", t.max_grad_value),
+        ("peak_flops_per_device", t.peak_flops_per_device),
+    ):
+        check(value is None or value > 0, f"trainer.{key}={value}: must be positive (or null).")
+    for key, value in (
+        ("grad_accum_steps", t.grad_accum_steps),
+        ("max_consecutive_skips", t.max_consecutive_skips),
+        ("stop_at_step", t.stop_at_step),
+        ("checkpoint.keep", t.checkpoint.keep),
+    ):
+        check(value is None or value >= 1, f"trainer.{key}={value}: must be at least 1.")
+    check(
+        t.resume in ("never", "auto") or Path(t.resume).is_dir(),
+        f"trainer.resume={t.resume}: not never, not auto, and no such checkpoint folder.",
+    )
+    sched = t.lr_scheduler
+    if sched.name == "wsd":
+        from optimizers.schedules import wsd_decay_steps
+
+        try:
+            wsd_decay_steps(
+                t.max_steps, sched.warmup_steps, sched.decay_steps, sched.decay_fraction
+            )
+        except ConfigError as e:
+            problems.append(str(e))
+    from trainers.wandb_logger import check_wandb
+
+    wandb_problem = check_wandb(cfg.wandb)
+    check(wandb_problem is None, wandb_problem or "")
     check(
         cfg.data.block_size <= cfg.model.max_position_embeddings,
         f"data.block_size={cfg.data.block_size} is longer than the model's context, "
         f"model.max_position_embeddings={cfg.model.max_position_embeddings}.",
     )
     check(cfg.data.block_size >= 2, f"data.block_size={cfg.data.block_size}: must be at least 2.")
+    d = cfg.data
+    check(d.packing in PACKINGS, f"data.packing={d.packing!r}: choose one of {', '.join(PACKINGS)}.")
+    check(
+        d.collator in COLLATORS,
+        f"data.collator={d.collator!r}: known collators are {', '.join(COLLATORS)}.",
+    )
+    check(d.shuffle_buffer >= 0, f"data.shuffle_buffer={d.shuffle_buffer}: must be 0 (off) or more.")
+    for i, source in enumerate(d.sources):
+        check(source.weight > 0, f"data.sources[{i}].weight={source.weight}: must be positive.")
     check(
         tokenizer_vocab_size <= cfg.model.vocab_size,
         f"model.vocab_size={cfg.model.vocab_size} is smaller than the vocabulary of "

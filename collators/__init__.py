@@ -9,7 +9,8 @@ import torch
 from collators.causal_lm import collate_causal_lm
 from torchprime.errors import ConfigError
 
-Collator = Callable[[list[list[int]]], dict[str, torch.Tensor]]
+#: rows (dicts of int lists, data/packing.py) → dict of int64 [batch, block_size] tensors
+Collator = Callable[[list[dict[str, list[int]]]], dict[str, torch.Tensor]]
 COLLATORS: dict[str, Collator] = {"causal_lm": collate_causal_lm}
 
 

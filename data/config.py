@@ -2,8 +2,29 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+@dataclass
+class SourceConfig:
+    """One source of a weighted mixture (an entry of `data.sources`)."""
+
+    source: str = "files"
+    """stdlib, files or hub, as the top-level `data.source`."""
+    path: Optional[str] = None
+    """files: a file, a folder or a glob; hub: the dataset name."""
+    format: str = "text"
+    """files: text (one document a file), json (JSON lines) or parquet."""
+    hub_config: Optional[str] = None
+    """hub: the dataset's configuration name."""
+    split: str = "train"
+    """hub: the split to read (local files and stdlib have one split)."""
+    text_field: str = "text"
+    """Field of each row that holds the text."""
+    weight: float = 1.0
+    """Share of the documents drawn from this source, relative to the other weights (they
+    need not sum to 1)."""
 
 
 @dataclass
@@ -12,7 +33,8 @@ class DataConfig:
 
     source: str = "stdlib"
     """stdlib: the running Python's standard library sources, one document a file (no network,
-    about 13 MB); files: local files at `path`; hub: the HF hub dataset named by `path`."""
+    about 13 MB); files: local files at `path`; hub: the HF hub dataset named by `path`.
+    Ignored when `sources` is not empty."""
     path: Optional[str] = None
     """files: a file, a folder or a glob; hub: the dataset name (e.g. allenai/c4)."""
     format: str = "text"
@@ -20,14 +42,28 @@ class DataConfig:
     hub_config: Optional[str] = None
     """hub: the dataset's configuration name (e.g. "en" for allenai/c4)."""
     split: str = "train"
-    """Split to read."""
+    """hub: the split to read (local files and stdlib have one split)."""
     text_field: str = "text"
     """Field of each row that holds the text."""
+    sources: List[SourceConfig] = field(default_factory=list)
+    """A weighted mixture: documents are drawn from these sources in proportion to their
+    weights, in an order fixed by the run's seed; each source starts its next pass on its own
+    when it runs out. Empty: the single source given by the keys above."""
+    shuffle_buffer: int = 0
+    """Documents held in a seeded shuffle buffer (0: off, documents in stream order)."""
     tokenizer: str = "byte"
-    """byte: UTF-8 bytes as tokens, plus BOS, EOS and pad (vocabulary 259, no files)."""
+    """byte: UTF-8 bytes as tokens, plus BOS, EOS and pad (vocabulary 259, no files); or the
+    path of a local HF tokenizer folder (tokenizer.json, with its special tokens named in
+    tokenizer_config.json or special_tokens_map.json; tools/train_tokenizer.py makes one)."""
+    add_bos: bool = False
+    """Start every document with the tokenizer's BOS token (Llama 3 does)."""
     block_size: int = 256
     """Tokens per training row (sequence length)."""
     packing: str = "concat"
-    """concat: documents joined, each followed by EOS, and cut into rows of block_size."""
+    """concat: documents joined, each followed by EOS, and cut into rows of block_size;
+    document: the same, plus segment and position ids so that attention and the loss stay
+    within each document (a document cut by a row's end goes on as a new segment in the next
+    row, positions from 0); pad: one document a row, truncated or padded with the pad id
+    (no loss on padding)."""
     collator: str = "causal_lm"
     """How rows become model inputs (collators.COLLATORS)."""

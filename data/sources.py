@@ -1,21 +1,34 @@
-"""Streaming text sources (HF `datasets`), each host reading its own disjoint part."""
+"""Streaming text sources (HF `datasets`), each host reading its own disjoint part, pass after
+pass, from a position that can be saved and restored."""
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import glob
+import logging
+import math
 import os
 import sysconfig
 from collections.abc import Iterator
+from typing import Any, Optional, Union
 
 import datasets
+import pyarrow as pa
 from datasets.distributed import split_dataset_by_node
+from datasets.exceptions import DatasetNotFoundError
 
-from data.config import DataConfig
+from data.config import DataConfig, SourceConfig
 from torchprime.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 SOURCES = ("stdlib", "files", "hub")
 FILE_FORMATS = {"text": "text", "json": "json", "parquet": "parquet"}
 _EXTENSIONS = {"text": None, "json": (".json", ".jsonl"), "parquet": (".parquet",)}
+
+#: A source's keys: a SourceConfig, or the top-level keys of a DataConfig.
+SourceLike = Union[SourceConfig, DataConfig]
 
 
 def stdlib_files() -> list[str]:
@@ -27,7 +40,7 @@ def stdlib_files() -> list[str]:
     return sorted(f for f in files if not any(s in f for s in skip))
 
 
-def local_files(path: str, fmt: str) -> list[str]:
+def local_files(path: str, fmt: str, key: str = "data") -> list[str]:
     """Files named by `path` (a file, a folder searched recursively, or a glob), sorted."""
     if os.path.isdir(path):
         candidates = glob.glob(os.path.join(path, "**", "*"), recursive=True)
@@ -37,48 +50,201 @@ def local_files(path: str, fmt: str) -> list[str]:
     if _EXTENSIONS[fmt]:
         files = [f for f in files if f.endswith(_EXTENSIONS[fmt])]
     if not files:
-        raise ConfigError(f"data.path={path!r}: no {fmt} files there.")
+        raise ConfigError(f"{key}.path={path!r}: no {fmt} files there.")
     return files
 
 
-def open_stream(cfg: DataConfig) -> datasets.IterableDataset:
+def source_specs(cfg: DataConfig) -> list[tuple[str, SourceConfig]]:
+    """(config key, source) of every source: `data.sources`, or the top-level keys as one
+    source of weight 1. The key names the source in error messages."""
+    if not cfg.sources:
+        single = SourceConfig(
+            source=cfg.source,
+            path=cfg.path,
+            format=cfg.format,
+            hub_config=cfg.hub_config,
+            split=cfg.split,
+            text_field=cfg.text_field,
+            weight=1.0,
+        )
+        return [("data", single)]
+    specs = [(f"data.sources[{i}]", s) for i, s in enumerate(cfg.sources)]
+    for key, s in specs:
+        if not (math.isfinite(s.weight) and s.weight > 0):
+            raise ConfigError(f"{key}.weight={s.weight}: must be a positive number.")
+    return specs
+
+
+def describe(spec: SourceLike) -> str:
+    """How a source is named in logs and messages: `stdlib`, `files /data/*.jsonl`."""
+    return spec.source if spec.source == "stdlib" else f"{spec.source} {spec.path}"
+
+
+def open_stream(spec: SourceLike, key: str = "data") -> datasets.IterableDataset:
     """The whole source as a streaming dataset (nothing is downloaded ahead)."""
-    if cfg.source not in SOURCES:
-        raise ConfigError(f"data.source={cfg.source!r}: choose one of {', '.join(SOURCES)}.")
-    if cfg.source == "hub":
-        if not cfg.path:
-            raise ConfigError("data.source=hub needs data.path, the dataset's name on the hub.")
-        return datasets.load_dataset(cfg.path, cfg.hub_config, split=cfg.split, streaming=True)
-    if cfg.source == "stdlib":
+    if spec.source not in SOURCES:
+        raise ConfigError(f"{key}.source={spec.source!r}: choose one of {', '.join(SOURCES)}.")
+    if spec.source == "hub":
+        if not spec.path:
+            raise ConfigError(f"{key}.source=hub needs {key}.path, the dataset's name on the hub.")
+        try:
+            return datasets.load_dataset(
+                spec.path, spec.hub_config, split=spec.split, streaming=True
+            )
+        except DatasetNotFoundError as e:
+            raise ConfigError(
+                f"{key}.path={spec.path!r}: no such dataset on the hub ({e})."
+            ) from None
+    if spec.source == "stdlib":
         files, fmt = stdlib_files(), "text"
     else:
-        if cfg.format not in FILE_FORMATS:
+        if spec.format not in FILE_FORMATS:
             raise ConfigError(
-                f"data.format={cfg.format!r}: choose one of {', '.join(FILE_FORMATS)}."
+                f"{key}.format={spec.format!r}: choose one of {', '.join(FILE_FORMATS)}."
             )
-        if not cfg.path:
-            raise ConfigError("data.source=files needs data.path (a file, folder or glob).")
-        files, fmt = local_files(cfg.path, cfg.format), cfg.format
+        if not spec.path:
+            raise ConfigError(f"{key}.source=files needs {key}.path (a file, folder or glob).")
+        files, fmt = local_files(spec.path, spec.format, key), spec.format
     kwargs = {"sample_by": "document", "encoding_errors": "replace"} if fmt == "text" else {}
     return datasets.load_dataset(
         FILE_FORMATS[fmt], data_files=files, split="train", streaming=True, **kwargs
     )
 
 
-def host_texts(cfg: DataConfig, process_index: int, process_count: int) -> Iterator[str]:
-    """This host's documents, once through. `datasets` splits by files when their count divides
-    evenly among hosts, by examples otherwise; the hosts' parts are disjoint."""
-    stream = split_dataset_by_node(open_stream(cfg), rank=process_index, world_size=process_count)
+def row_text(row: dict[str, Any], index: int, spec: SourceLike, key: str) -> str:
+    """The text of one row, or a ConfigError naming the field and the source."""
+    if spec.text_field not in row:
+        raise ConfigError(
+            f"{key}.text_field={spec.text_field!r}: row {index} of {describe(spec)} has no such "
+            f"field (fields: {', '.join(row)})."
+        )
+    text = row[spec.text_field]
+    if not isinstance(text, str):
+        raise ConfigError(
+            f"{key}.text_field={spec.text_field!r}: row {index} of {describe(spec)} holds "
+            f"{type(text).__name__}, not text."
+        )
+    return text
+
+
+def host_texts(
+    spec: SourceLike, process_index: int, process_count: int, key: str = "data"
+) -> Iterator[str]:
+    """This host's documents, once through (empty ones included). `datasets` splits by files
+    when their count divides evenly among hosts, by examples otherwise; the parts are
+    disjoint."""
+    stream = split_dataset_by_node(
+        open_stream(spec, key), rank=process_index, world_size=process_count
+    )
     for i, row in enumerate(stream):
-        if cfg.text_field not in row:
-            raise ConfigError(
-                f"data.text_field={cfg.text_field!r}: row {i} has no such field "
-                f"(fields: {', '.join(row)})."
-            )
-        text = row[cfg.text_field]
-        if not isinstance(text, str):
-            raise ConfigError(
-                f"data.text_field={cfg.text_field!r}: row {i} holds {type(text).__name__}, "
-                "not text."
-            )
-        yield text
+        yield row_text(row, i, spec, key)
+
+
+class SourceReader:
+    """One source's non-empty documents for this host, pass after pass without end.
+
+    The position is the `datasets` stream's own state (which file or shard, which example in
+    it) plus the pass number. Restoring it skips the files before the current one unread and
+    re-reads only the current file up to the saved example (Arrow tables are skipped without
+    being converted), so a resume costs at most one file or shard of reading per source.
+    """
+
+    def __init__(self, spec: SourceConfig, key: str, process_index: int, process_count: int):
+        self.spec = spec
+        self.key = key
+        self.process_index = process_index
+        self.process_count = process_count
+        self.base = open_stream(spec, key)  # fails now, naming the path, if there is none
+        self.epoch = 0
+        """Passes completed over this host's part."""
+        self.docs = 0
+        """Non-empty documents read in the current pass."""
+        self.rows = 0
+        """Rows (empty documents included) read in the current pass."""
+        self._stream: Optional[datasets.IterableDataset] = None
+        self._it: Optional[Iterator[dict[str, Any]]] = None
+        self._live = False  # the stream has yielded, so its state_dict() is the position
+        self._start: Optional[dict] = None  # the stream position to open at (a restored one)
+
+    def _host_stream(self) -> datasets.IterableDataset:
+        # A new view per pass: split_dataset_by_node makes a fresh IterableDataset, so a state
+        # loaded into one pass's view never leaks into the next pass.
+        return split_dataset_by_node(
+            self.base, rank=self.process_index, world_size=self.process_count
+        )
+
+    def check(self) -> None:
+        """Read this host's first rows up to the first document: a missing text field, a
+        non-text field, an unreadable file or an empty part fails here, before training."""
+        with self._reading():
+            for i, row in enumerate(self._host_stream()):
+                if row_text(row, i, self.spec, self.key):
+                    return
+        raise self._empty()
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        # Malformed content (a JSON line that does not parse, a broken Parquet file) is the
+        # user's to fix; `datasets` logs which file, the message says which source.
+        try:
+            yield
+        except pa.ArrowInvalid as e:
+            raise ConfigError(f"{self.key}: cannot read {describe(self.spec)}: {e}") from None
+
+    def _empty(self) -> ConfigError:
+        return ConfigError(
+            f"{self.key}: {describe(self.spec)} gives host {self.process_index} of "
+            f"{self.process_count} no documents (no rows, or only empty text in "
+            f"{self.spec.text_field!r})."
+        )
+
+    def next_text(self) -> str:
+        while True:
+            if self._it is None:
+                self._stream = self._host_stream()
+                if self._start is not None:
+                    self._stream.load_state_dict(self._start)
+                self._it = iter(self._stream)
+                self._live = False
+            try:
+                with self._reading():
+                    row = next(self._it)
+            except StopIteration:
+                if self.docs == 0:
+                    raise self._empty() from None
+                self.epoch += 1
+                log.info(
+                    "data: %s pass %d done (%d documents on host %d); starting again",
+                    describe(self.spec), self.epoch, self.docs, self.process_index,
+                )
+                self.docs = self.rows = 0
+                self._it = self._stream = self._start = None
+                self._live = False
+                continue
+            self._live = True
+            index = self.rows
+            self.rows += 1
+            text = row_text(row, index, self.spec, self.key)
+            if text:  # an empty document would only add an EOS (or a row of padding)
+                self.docs += 1
+                return text
+
+    def state(self) -> dict[str, Any]:
+        """The position: JSON data, a copy (the caller may keep it while reading goes on)."""
+        stream = self._stream.state_dict() if self._live else copy.deepcopy(self._start)
+        return {"epoch": self.epoch, "docs": self.docs, "rows": self.rows, "stream": stream}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.close()
+        self.epoch, self.docs, self.rows = state["epoch"], state["docs"], state["rows"]
+        self._start = copy.deepcopy(state["stream"])
+
+    def close(self) -> None:
+        """Close the open files now rather than at interpreter exit; reading can go on later,
+        from the same position."""
+        if self._live:
+            self._start = self._stream.state_dict()
+        if self._it is not None and hasattr(self._it, "close"):
+            self._it.close()
+        self._it = self._stream = None
+        self._live = False

@@ -17,6 +17,7 @@ from torch import nn
 
 from torchprime.attention import tpu_attention
 from torchprime.errors import ConfigError
+from torchprime.rewriting import RematConfig
 from torchprime.sharding import ShardingConfig
 
 IGNORE_INDEX = -100
@@ -85,6 +86,8 @@ class LlamaConfig:
     its architecture must match this config."""
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     """Partition specs of the parameters (configs/model/sharding/)."""
+    remat: RematConfig = field(default_factory=RematConfig)
+    """Scan, rematerialization and optimization barriers (configs/model/remat/)."""
 
     @property
     def resolved_head_dim(self) -> int:
@@ -292,13 +295,26 @@ class LlamaDecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+class LayerStack(nn.ModuleList):
+    """Identical layers applied in turn, each taking (x, *shared) and returning the new x.
+
+    The stack is one call in the model's forward, so the model rewriting can run it as a scan
+    (torchprime.rewriting): one layer compiled once, however deep the stack.
+    """
+
+    def forward(self, x: torch.Tensor, *shared: Optional[torch.Tensor]) -> torch.Tensor:
+        for layer in self:
+            x = layer(x, *shared)
+        return x
+
+
 class LlamaModel(nn.Module):
     """The decoder stack without the LM head (HF's `model.` prefix)."""
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = LayerStack(LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(cfg)
 
@@ -310,8 +326,7 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [B, T, E]
         cos, sin = self.rotary_emb(position_ids, x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin, attention_bias)
+        x = self.layers(x, cos, sin, attention_bias)
         return self.norm(x)
 
 

@@ -1,20 +1,24 @@
-"""AdamW whose changing scalars are tensors, with optional clipping of the update.
+"""AdamW whose changing scalars are tensors, with optional clipping of the update and skipping
+of steps whose gradients are not finite.
 
 On XLA every Python number that changes between steps is baked into the traced graph and forces
 a recompilation. Here the step count and the bias corrections are device tensors, and the
 learning rate may be one too (the trainer passes a tensor computed on the device), so every
-step runs the same compiled graph.
+step runs the same compiled graph. For the same reason a step is skipped without asking the
+host: the decision is a device tensor and `torch.where` keeps the old values.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Optional, Union
 
 import torch
 from torch.optim import Optimizer
 
 Number = Union[float, torch.Tensor]
+#: layout(new_tensor, param): give a state tensor the layout (sharding) of its parameter.
+Layout = Callable[[torch.Tensor, torch.Tensor], None]
 
 
 class AdamW(Optimizer):
@@ -23,7 +27,13 @@ class AdamW(Optimizer):
     - `update_clip`: clamp each element of the Adam update m̂ / (√v̂ + ε) to ±update_clip;
     - `update_rms_clip`: divide a tensor's update by max(1, RMS(update) / update_rms_clip),
       the per-tensor clipping of StableAdamW;
-    - `state_dtype`: dtype of the moment estimates (None: the parameter's dtype).
+    - `state_dtype`: dtype of the moment estimates (None: the parameter's dtype);
+    - `step(skip=...)`: a boolean device tensor; where it is true the step changes nothing
+      (parameters, moments and step count keep their values) and is counted in
+      `skipped_steps` and `consecutive_skips` (device tensors, reset by the next real step).
+    After each step `update_clip_fraction` is a device tensor (None when no clip is set): the
+    fraction of update elements clamped by `update_clip` when that is set, otherwise the
+    fraction of tensors scaled down by `update_rms_clip`.
     With both clips off it computes exactly what torch.optim.AdamW computes.
     """
 
@@ -51,22 +61,50 @@ class AdamW(Optimizer):
         )
         super().__init__(params, defaults)
         self.state_dtype = state_dtype
+        device = self.param_groups[0]["params"][0].device
+        # Counted on the device (int32): reading them would cost a host round trip per step.
+        self.skipped_steps = torch.zeros((), dtype=torch.int32, device=device)
+        self.consecutive_skips = torch.zeros((), dtype=torch.int32, device=device)
+        self.update_clip_fraction: Optional[torch.Tensor] = None
 
-    def _init_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _init_state(
+        self, p: torch.Tensor, layout: Optional[Layout] = None
+    ) -> dict[str, torch.Tensor]:
         dtype = self.state_dtype or p.dtype
-        return {
+        state = {
             # float32 on the parameter's device: counting in the graph, never on the host.
             "step": torch.zeros((), dtype=torch.float32, device=p.device),
             "exp_avg": torch.zeros_like(p, dtype=dtype),
             "exp_avg_sq": torch.zeros_like(p, dtype=dtype),
         }
+        if layout is not None:
+            layout(state["exp_avg"], p)
+            layout(state["exp_avg_sq"], p)
+        return state
+
+    def init_state(self, layout: Optional[Layout] = None) -> None:
+        """Create every parameter's state now (else the first step creates it).
+
+        On XLA this keeps the first step's graph the same as every later one (one compilation
+        instead of two), and gives checkpoints tensors to load into; `layout` lays each moment
+        out like its parameter (a sharded parameter gets sharded moments).
+        """
+        for group in self.param_groups:
+            for p in group["params"]:
+                if not self.state[p]:
+                    self.state[p].update(self._init_state(p, layout))
+
+    def counters(self) -> dict[str, torch.Tensor]:
+        """The device tensors a checkpoint must carry besides the per-parameter state."""
+        return {"skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips}
 
     @torch.no_grad()
-    def step(self, closure=None):  # noqa: D102 - as torch.optim.Optimizer.step
+    def step(self, closure=None, skip: Optional[torch.Tensor] = None):  # noqa: D102
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        clipped, clip_total = [], 0
         for group in self.param_groups:
             lr = group["lr"]
             beta1, beta2 = group["betas"]
@@ -76,28 +114,48 @@ class AdamW(Optimizer):
                 state = self.state[p]
                 if not state:
                     state.update(self._init_state(p))
-                update = self._adam_update(p.grad, state, beta1, beta2, group["eps"])
+                update, new_state = self._adam_update(p.grad, state, beta1, beta2, group["eps"])
                 if group["update_rms_clip"] is not None:
                     rms = update.float().pow(2).mean().sqrt()
-                    update = update / (rms / group["update_rms_clip"]).clamp(min=1.0)
+                    scale = (rms / group["update_rms_clip"]).clamp(min=1.0)
+                    update = update / scale
+                    if group["update_clip"] is None:
+                        clipped.append((scale > 1.0).float())
+                        clip_total += 1
                 if group["update_clip"] is not None:
+                    clipped.append((update.abs() > group["update_clip"]).sum().float())
+                    clip_total += update.numel()
                     update = update.clamp(-group["update_clip"], group["update_clip"])
+                new_p = p
                 if group["weight_decay"]:
-                    p.mul_(1 - lr * group["weight_decay"])
-                p.sub_((update * lr).to(p.dtype))
+                    new_p = p * (1 - lr * group["weight_decay"])
+                new_p = new_p - (update * lr).to(p.dtype)
+                new_state["param"] = new_p
+                for key, new in new_state.items():
+                    old = p if key == "param" else state[key]
+                    old.copy_(new if skip is None else torch.where(skip, old, new))
+        if skip is not None:
+            skipped = skip.to(torch.int32)
+            self.skipped_steps.add_(skipped)
+            self.consecutive_skips.copy_((self.consecutive_skips + 1) * skipped)
+        if clipped:
+            # clip_total is fixed by the parameter shapes: a constant of the graph.
+            self.update_clip_fraction = torch.stack(clipped).sum() / clip_total
         return loss
 
     @staticmethod
     def _adam_update(
         grad: torch.Tensor, state: dict[str, torch.Tensor], beta1: float, beta2: float, eps: float
-    ) -> torch.Tensor:
-        """Advance the moments and return m̂ / (√v̂ + ε) in the moments' dtype."""
-        exp_avg, exp_avg_sq, step = state["exp_avg"], state["exp_avg_sq"], state["step"]
-        step.add_(1)
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """m̂ / (√v̂ + ε) in the moments' dtype, and the advanced moments and step count (not
+        yet written to the state: a skipped step keeps the old ones)."""
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        step = state["step"] + 1
         grad = grad.to(exp_avg.dtype)
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        exp_avg = exp_avg.lerp(grad, 1 - beta1)
+        exp_avg_sq = exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
         bias_correction1 = 1 - torch.pow(beta1, step)
         bias_correction2_sqrt = (1 - torch.pow(beta2, step)).sqrt()
         denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-        return (exp_avg / bias_correction1) / denom
+        update = (exp_avg / bias_correction1) / denom
+        return update, {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}

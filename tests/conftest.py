@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -39,3 +40,37 @@ def run_train(*overrides: str, python_flags: tuple[str, ...] = (), timeout: int 
         text=True,
         timeout=timeout,
     )
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# Two short default runs shared by the tests that read them (each costs a process start and,
+# on XLA, compilations): one on XLA SPMD with 4 virtual devices, one on plain PyTorch.
+SHORT_RUN_STEPS = 30
+SHORT_RUN = (
+    f"trainer.max_steps={SHORT_RUN_STEPS}", "trainer.logging_steps=1", "trainer.progress_bar=false"
+)
+
+
+@pytest.fixture(scope="session")
+def xla_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("xla")
+    # A checkpoint mid-run and the recompile guard armed: any compilation after warm-up
+    # (lr warmup changing the lr, logging every step, the save) would fail the run.
+    proc = run_train(
+        *SHORT_RUN, "trainer.checkpoint.interval=10", "trainer.fail_on_recompile=true",
+        f"output_dir={out}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+@pytest.fixture(scope="session")
+def cpu_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cpu")
+    # -X importtime lists every module the process imports, on stderr.
+    proc = run_train("backend=cpu", *SHORT_RUN, f"output_dir={out}", python_flags=("-X", "importtime"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc

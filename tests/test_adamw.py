@@ -67,3 +67,62 @@ def test_bfloat16_state():
 def test_rejects_non_positive_clips():
     with pytest.raises(ValueError, match="update_clip"):
         AdamW([torch.nn.Parameter(torch.zeros(1))], update_clip=0.0)
+
+
+def test_a_non_finite_step_is_skipped_on_the_device_and_counted():
+    model, opt = train(AdamW, steps=3)
+    before = [p.detach().clone() for p in model.parameters()]
+    state_before = [{k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float("nan"))
+    opt.step(skip=torch.tensor(True))
+    opt.step(skip=torch.tensor(True))
+    for p, b, s in zip(model.parameters(), before, state_before):
+        assert torch.equal(p.detach(), b)
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opt.state[p][key], s[key]), key
+    assert opt.skipped_steps.item() == 2 and opt.consecutive_skips.item() == 2
+    # A finite step goes through, as if the skipped ones never happened.
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step(skip=torch.tensor(False))
+    assert opt.state[next(model.parameters())]["step"].item() == 4
+    assert opt.skipped_steps.item() == 2 and opt.consecutive_skips.item() == 0
+
+
+def test_skip_false_computes_what_torch_adamw_computes():
+    class Flagged(AdamW):
+        def step(self, closure=None):
+            return super().step(closure, skip=torch.tensor(False))
+
+    ours, _ = train(Flagged)
+    ref, _ = train(torch.optim.AdamW)
+    for a, b in zip(ours.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_update_clip_fraction_counts_clamped_elements():
+    p = torch.nn.Parameter(torch.zeros(4))
+    opt = AdamW([p], lr=1.0, weight_decay=0.0, update_clip=0.5)
+    p.grad = torch.tensor([1.0, -1.0, 1e-3, 0.0])  # updates ±1, ±1, ~1, 0: three clamped
+    opt.step()
+    assert opt.update_clip_fraction.item() == pytest.approx(0.75)
+
+
+def test_update_clip_fraction_counts_rms_scaled_tensors():
+    big, small = torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(4))
+    opt = AdamW([big, small], lr=1.0, weight_decay=0.0, update_rms_clip=0.5)
+    big.grad = torch.ones(4)  # update RMS 1: scaled
+    small.grad = torch.tensor([1.0, 0.0, 0.0, 0.0])  # update RMS 0.5: left alone
+    opt.step()
+    assert opt.update_clip_fraction.item() == pytest.approx(0.5)
+    assert AdamW([torch.nn.Parameter(torch.zeros(1))]).update_clip_fraction is None
+
+
+def test_init_state_creates_what_the_first_step_would():
+    model = torch.nn.Linear(3, 2)
+    opt = AdamW(model.parameters(), state_dtype=torch.bfloat16)
+    opt.init_state()
+    state = opt.state[model.weight]
+    assert state["exp_avg"].shape == (2, 3) and state["exp_avg"].dtype == torch.bfloat16
+    assert state["step"].item() == 0 and not state["exp_avg_sq"].any()

@@ -1,8 +1,10 @@
-"""Checkpoints: written atomically, loaded back to the same weights and optimizer state."""
+"""Checkpoints: written atomically, pruned to the newest few, loaded back to the same training
+state; `trainer.resume=auto` skips incomplete and corrupt ones, naming them."""
 
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -10,52 +12,119 @@ import torch
 from models import build_model
 from models.llama import LlamaConfig
 from torchprime.backend import select_backend
-from trainers.base_trainer import build_optimizer
-from trainers.checkpoint import load_checkpoint, save_checkpoint
-from trainers.config import TrainerConfig
+from torchprime.errors import ConfigError
+from torchprime.mesh import MeshAxesConfig, resolve_mesh
+from trainers.checkpoint import CorruptCheckpoint, check_readable, load_checkpoint, save_checkpoint
+from trainers.config import CheckpointConfig, TrainerConfig
+from trainers.lm_trainer import LMTrainer
+
+BACKEND = select_backend("cpu", cpu_devices=1)
+MESH = resolve_mesh(MeshAxesConfig(fsdp=1), MeshAxesConfig(), None)
 
 
-def model_and_optimizer(seed):
+def batches(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        ids = torch.randint(0, 259, (2, 16), generator=g)
+        yield {"input_ids": ids, "labels": ids}
+
+
+def make_trainer(out, seed=0, **cfg):
     model = build_model(LlamaConfig(), torch.float32)
     model.to_empty(device="cpu")
     model.init_weights(torch.Generator().manual_seed(seed))
-    return model, build_optimizer(model, TrainerConfig())
+    cfg = TrainerConfig(progress_bar=False, max_steps=cfg.pop("max_steps", 4), **cfg)
+    return LMTrainer(cfg, model, BACKEND, MESH, batches(), out, tokens_per_step=32)
 
 
-def one_step(model, opt):
-    ids = torch.randint(0, 264, (2, 16), generator=torch.Generator().manual_seed(0))
-    model(ids, labels=ids).loss.backward()
-    opt.step()
-    opt.zero_grad()
+def flat(state, prefix=""):
+    out = {}
+    for k, v in state.items():
+        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
 
 
-def test_save_then_load_restores_weights_and_optimizer_state(tmp_path):
-    backend = select_backend("cpu", cpu_devices=1)
-    model, opt = model_and_optimizer(seed=0)
-    one_step(model, opt)
-    path = save_checkpoint(tmp_path, 7, model, opt, backend)
+def test_save_then_load_restores_the_whole_training_state(tmp_path):
+    t = make_trainer(tmp_path)
+    t.train_step([next(batches())])
+    path = save_checkpoint(tmp_path, 7, t.training_state(), BACKEND, {"batches_consumed": 1})
     assert path.name == "step_00000007"
     assert json.loads((path / "COMPLETE").read_text()) == {"step": 7}
     assert [p.name for p in tmp_path.iterdir()] == ["step_00000007"]  # no temporary left
 
-    fresh, fresh_opt = model_and_optimizer(seed=1)
-    assert load_checkpoint(path, fresh, fresh_opt, backend) == 7
-    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
-        assert torch.equal(a, b), name
-    for p, q in zip(model.parameters(), fresh.parameters()):
-        for key in ("exp_avg", "exp_avg_sq", "step"):
-            assert torch.equal(opt.state[p][key], fresh_opt.state[q][key]), key
+    fresh = make_trainer(tmp_path, seed=1)
+    record = load_checkpoint(path, fresh.training_state(), BACKEND)
+    assert record == {"step": 7, "batches_consumed": 1}
+    saved, loaded = flat(t.training_state()), flat(fresh.training_state())
+    assert len(saved) == 39 + 39 * 3 + 3  # weights, 3 optimizer tensors each, counters
+    for name, tensor in saved.items():
+        assert torch.equal(tensor, loaded[name]), name
+    assert fresh.step_count.item() == 1
     # and training continues identically from there
-    one_step(model, opt)
-    one_step(fresh, fresh_opt)
-    for a, b in zip(model.parameters(), fresh.parameters()):
+    batch = next(batches(seed=5))
+    t.train_step([batch])
+    fresh.train_step([batch])
+    for a, b in zip(t.model.parameters(), fresh.model.parameters()):
         assert torch.equal(a, b)
 
 
-def test_an_incomplete_checkpoint_is_refused(tmp_path):
-    backend = select_backend("cpu", cpu_devices=1)
-    model, opt = model_and_optimizer(seed=0)
-    path = save_checkpoint(tmp_path, 1, model, opt, backend)
+def test_only_the_newest_keep_checkpoints_remain(tmp_path):
+    t = make_trainer(tmp_path)
+    for step in (2, 4, 6, 8):
+        save_checkpoint(tmp_path, step, t.training_state(), BACKEND, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000006", "step_00000008"]
+
+
+def test_damage_is_found_before_loading(tmp_path):
+    t = make_trainer(tmp_path)
+    path = save_checkpoint(tmp_path, 1, t.training_state(), BACKEND)
+    check_readable(path)
+    data = next(path.glob("*.distcp"))
+    data.write_bytes(data.read_bytes()[:100])
+    with pytest.raises(CorruptCheckpoint, match=rf"data file {data.name} is 100 bytes, \d+ exp"):
+        check_readable(path)
+    (path / ".metadata").write_bytes(b"not a pickle")
+    with pytest.raises(CorruptCheckpoint, match="unreadable DCP metadata"):
+        check_readable(path)
     (path / "COMPLETE").unlink()
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
-        load_checkpoint(path, model, opt, backend)
+    with pytest.raises(CorruptCheckpoint, match="no COMPLETE marker"):
+        load_checkpoint(path, t.training_state(), BACKEND)
+
+
+def test_resume_auto_skips_incomplete_and_corrupt_checkpoints_naming_them(tmp_path, caplog):
+    first = make_trainer(tmp_path, max_steps=6, logging_steps=2,
+                         checkpoint=CheckpointConfig(interval=2))
+    first.train()
+    root = tmp_path / "checkpoints"
+    (root / "step_00000006" / ".metadata").write_bytes(b"\0garbage")
+    (root / "step_00000008").mkdir()  # a save that never finished: no COMPLETE
+    resumed = make_trainer(tmp_path, seed=1, max_steps=6, resume="auto")
+    with caplog.at_level(logging.WARNING):
+        assert resumed.restore() == root / "step_00000004"
+    warnings = "\n".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "skipping incomplete checkpoints" in warnings and "step_00000008" in warnings
+    assert f"skipping {root / 'step_00000006'}, which cannot be loaded: unreadable DCP" in warnings
+    assert resumed.start_step == 4 and resumed.step_count.item() == 4
+    # Set aside, so that neither the next resume nor the pruning takes them for this run's.
+    names = sorted(p.name.split(".")[0] + ("*" if "." in p.name else "") for p in root.iterdir())
+    assert names == ["step_00000002", "step_00000004", "step_00000006*", "step_00000008*"]
+    assert "step_00000008 is newer than the resumed step 4; renamed to step_00000008.after-" \
+        "resume-" in "\n".join(r.getMessage() for r in caplog.records)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in lines]
+    assert steps == [1, 2, 4]  # what was logged after the checkpoint is logged again
+
+
+def test_resume_auto_with_only_damaged_checkpoints_stops(tmp_path):
+    t = make_trainer(tmp_path)
+    path = save_checkpoint(tmp_path / "checkpoints", 2, t.training_state(), BACKEND)
+    (path / ".metadata").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"trainer.resume=auto: no checkpoint in .* can be "
+                                          r"loaded \(step_00000002\)"):
+        make_trainer(tmp_path, resume="auto").restore()
+
+
+def test_resume_from_a_folder_that_is_not_a_complete_checkpoint_names_the_key(tmp_path):
+    (tmp_path / "half").mkdir()
+    with pytest.raises(ConfigError, match=r"trainer.resume=.*half: cannot load it: no COMPLETE"):
+        make_trainer(tmp_path, resume=str(tmp_path / "half")).restore()

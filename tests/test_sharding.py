@@ -106,3 +106,49 @@ def test_vectors_are_sharded_too():
     t = backend.place(torch.arange(16.0), MESH4, ("fsdp",))
     assert backend.sharding_of(t) == "{devices=[4]0,1,2,3}"
     assert torch.equal(t.cpu(), torch.arange(16.0))
+
+
+def test_activation_patterns_must_match_a_module():
+    from torchprime.sharding import plan_activation_specs
+
+    model, cfg = tiny()
+    cfg.sharding.activations = {"model.layer.*": [["data", "fsdp"], None, None]}
+    with pytest.raises(ConfigError, match=r"activations\['model.layer.\*'\] matches no module. "
+                                          r"Closest names: .*model.layers"):
+        plan_activation_specs(model, cfg.sharding)
+    cfg.sharding.activations = {"model.layers.*[0]": [["data", "fsdp"], None, None]}
+    plans = plan_activation_specs(model, cfg.sharding)
+    assert [(p.module, p.index) for p in plans] == [(f"model.layers.{i}", 0) for i in range(4)]
+
+
+@requires_xla
+def test_activations_and_inputs_carry_the_asked_shardings_on_xla():
+    from torchprime.backend import select_backend
+    from torchprime.materialize import materialize
+    from torchprime.sharding import BATCH_SPEC, plan_activation_specs, shard_activations
+
+    backend = select_backend("xla", cpu_devices=4)
+    model, cfg = tiny()
+    cfg.sharding.activations = {"model.layers.*": [["data", "fsdp"], None, None],
+                                "model.norm": [None, "fsdp", None]}
+    specs = plan_parameter_specs(model, cfg.sharding, MESH4)
+    materialize(model, specs, MESH4, backend, model.init_module_weights, torch.Generator())
+    shard_activations(model, plan_activation_specs(model, cfg.sharding), MESH4, backend)
+    seen = {}
+    model.model.layers[1].register_forward_hook(lambda m, a, out: seen.update(layer=out))
+    model.model.norm.register_forward_hook(lambda m, a, out: seen.update(norm=out))
+
+    ids = torch.randint(0, 264, (4, 16))
+    batch = next(backend.device_loader([{"input_ids": ids}], MESH4, BATCH_SPEC))
+    assert backend.sharding_of(batch["input_ids"]) == "{devices=[4,1]0,1,2,3}"
+    model(batch["input_ids"])
+    assert backend.sharding_of(seen["layer"]) == "{devices=[4,1,1]0,1,2,3}"
+    assert backend.sharding_of(seen["norm"]) == "{devices=[1,4,1]0,1,2,3}"
+
+    bad, bad_cfg = tiny()
+    bad_cfg.sharding.activations = {"model.norm": [None, "fsdp", None]}
+    materialize(bad, plan_parameter_specs(bad, bad_cfg.sharding, MESH4), MESH4, backend,
+                bad.init_module_weights, torch.Generator())
+    shard_activations(bad, plan_activation_specs(bad, bad_cfg.sharding), MESH4, backend)
+    with pytest.raises(ConfigError, match=r"the output of model.norm has size 6 in dimension 1"):
+        bad(torch.randint(0, 264, (4, 6)).to(backend.device))

@@ -8,32 +8,10 @@ import json
 import pytest
 import yaml
 
-from conftest import requires_xla, run_train
+from conftest import SHORT_RUN_STEPS as STEPS
+from conftest import read_jsonl, requires_xla, run_train
 
-STEPS = 30
-SHORT = (f"trainer.max_steps={STEPS}", "trainer.logging_steps=1", "trainer.progress_bar=false")
 REQUIRED_KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "step_time_s"}
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def xla_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("xla")
-    proc = run_train(*SHORT, f"output_dir={out}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc
-
-
-@pytest.fixture(scope="module")
-def cpu_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cpu")
-    # -X importtime lists every module the process imports, on stderr.
-    proc = run_train("backend=cpu", *SHORT, f"output_dir={out}", python_flags=("-X", "importtime"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc
 
 
 @requires_xla
@@ -52,10 +30,26 @@ def test_default_run_on_xla_trains_on_a_4_device_fsdp_mesh(xla_run):
 def test_xla_compiles_only_while_warming_up(xla_run):
     out, _ = xla_run
     compiles = [r["compiles"] for r in read_jsonl(out / "metrics.jsonl")]
-    # The first steps compile (the optimizer state appears at step 1); after that every step,
-    # logged or not, with the lr changing, runs the same graph.
-    assert compiles[3:] == [compiles[3]] * (len(compiles) - 3)
-    assert compiles[3] <= 4
+    # Step 1 compiles the step (and a small graph creating the optimizer state); after that
+    # every step, logged or not, with the lr changing and a checkpoint at step 10 and 20,
+    # runs the same graph.
+    assert compiles[1:] == [compiles[0]] * (len(compiles) - 1)
+    assert compiles[0] <= 3
+    assert (out / "checkpoints" / "step_00000020" / "COMPLETE").exists()
+
+
+@requires_xla
+def test_scanned_layers_train_without_recompiling(tmp_path):
+    proc = run_train(
+        "model/remat=scan_remat", "trainer.max_steps=12", "trainer.logging_steps=1",
+        "trainer.checkpoint.interval=6", "trainer.fail_on_recompile=true",
+        "trainer.progress_bar=false", f"output_dir={tmp_path}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    compiles = [r["compiles"] for r in records]
+    assert compiles[2:] == [compiles[2]] * (len(compiles) - 2)
+    assert records[-1]["loss"] < records[0]["loss"]
 
 
 @requires_xla

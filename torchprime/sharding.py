@@ -7,6 +7,10 @@ Spec grammar (YAML), one entry per tensor dimension:
 A pattern is a parameter's dotted name where `*` stands for one name component (a layer index):
 `model.layers.*.mlp.down_proj.weight: [null, fsdp]`.
 Parameters no pattern matches stay replicated, and are reported as such.
+
+Activations are named by the module whose output they are, with `[i]` for element i of a tuple
+output: `model.layers.*: [[data, fsdp], null, null]`. The annotation also applies to the gradient
+flowing back through that output, so the backward pass is laid out the same way.
 """
 
 from __future__ import annotations
@@ -15,11 +19,12 @@ import difflib
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
+from torchprime.backend.base import Backend
 from torchprime.errors import ConfigError
 from torchprime.mesh import AXES, Mesh, PartitionSpec
 
@@ -33,6 +38,9 @@ class ShardingConfig:
 
     parameters: dict[str, Any] = field(default_factory=dict)
     """Parameter name pattern → partition spec (one entry per dimension)."""
+    activations: dict[str, Any] = field(default_factory=dict)
+    """Module name pattern (with `[i]` for element i of a tuple output) → partition spec of
+    that module's output and of the gradient flowing back through it."""
 
 
 def pattern_regex(pattern: str) -> re.Pattern[str]:
@@ -129,6 +137,91 @@ def _unify_tied(
         for n in names:
             result[n] = spec
     return result
+
+
+@dataclass(frozen=True)
+class ActivationSpec:
+    """Where one activation annotation goes: a module's output, or element `index` of it."""
+
+    module: str
+    index: Optional[int]
+    spec: PartitionSpec
+    pattern: str
+
+
+_OUTPUT_INDEX = re.compile(r"^(?P<pattern>.*?)(\[(?P<index>\d+)\])?$")
+
+
+def plan_activation_specs(
+    model: nn.Module, cfg: ShardingConfig, key: str = "model.sharding.activations"
+) -> list[ActivationSpec]:
+    """The module outputs to annotate, after checking every pattern matches a module."""
+    modules = [name for name, _ in model.named_modules() if name]
+    plans: list[ActivationSpec] = []
+    for raw_pattern, raw in cfg.activations.items():
+        where = f"{key}[{raw_pattern!r}]"
+        parts = _OUTPUT_INDEX.match(raw_pattern)
+        pattern, index = parts["pattern"], parts["index"]
+        spec = parse_spec(raw, where)
+        regex = pattern_regex(pattern)
+        matched = [name for name in modules if regex.match(name)]
+        if not matched:
+            raise ConfigError(
+                f"{where} matches no module. Closest names: {_closest(pattern, modules)}."
+            )
+        for name in matched:
+            plans.append(ActivationSpec(name, None if index is None else int(index), spec, raw_pattern))
+    return plans
+
+
+def shard_activations(
+    model: nn.Module, plans: list[ActivationSpec], mesh: Mesh, backend: Backend
+) -> list[Any]:
+    """Annotate the planned module outputs at every forward pass (forward hooks); returns the
+    hook handles. The checks that need the output's shape run at the first (traced) pass."""
+    modules = dict(model.named_modules())
+    handles = []
+    for plan in plans:
+        handles.append(modules[plan.module].register_forward_hook(_output_hook(plan, mesh, backend)))
+    return handles
+
+
+def _output_hook(plan: ActivationSpec, mesh: Mesh, backend: Backend):
+    where = f"model.sharding.activations[{plan.pattern!r}]"
+
+    def hook(module: nn.Module, args: Any, output: Any) -> Any:
+        if plan.index is None:
+            return _annotate(output, plan, mesh, backend, where)
+        if not isinstance(output, (tuple, list)) or plan.index >= len(output):
+            raise ConfigError(
+                f"{where}: {plan.module} returns {type(output).__name__}, not a tuple with an "
+                f"element {plan.index}."
+            )
+        items = list(output)
+        items[plan.index] = _annotate(items[plan.index], plan, mesh, backend, where)
+        return type(output)(items)
+
+    return hook
+
+
+def _annotate(
+    tensor: Any, plan: ActivationSpec, mesh: Mesh, backend: Backend, where: str
+) -> torch.Tensor:
+    if not isinstance(tensor, torch.Tensor):
+        raise ConfigError(f"{where}: the output of {plan.module} is {type(tensor).__name__}.")
+    shape = tuple(tensor.shape)
+    if len(shape) != len(plan.spec):
+        raise ConfigError(
+            f"{where}: spec has {len(plan.spec)} entries but the output of {plan.module} has "
+            f"shape {list(shape)}."
+        )
+    for dim, (size, entry) in enumerate(zip(shape, plan.spec)):
+        if size % mesh.size(entry):
+            raise ConfigError(
+                f"{where}: the output of {plan.module} has size {size} in dimension {dim}, "
+                f"which {_show_entry(entry)} (mesh size {mesh.size(entry)}) does not divide."
+            )
+    return backend.shard_activation(tensor, mesh, plan.spec)
 
 
 def replicated(specs: dict[str, PartitionSpec]) -> list[str]:

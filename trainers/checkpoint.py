@@ -1,30 +1,44 @@
 """Checkpoints as torch.distributed.checkpoint folders, written atomically.
 
-Layout: output_dir/checkpoints/step_00000300/ holds the DCP files and a COMPLETE marker.
+Layout: output_dir/checkpoints/step_00000300/ holds
+- the DCP files (`.metadata`, `*.distcp`): the model, the optimizer state keyed by parameter
+  name, and the device counters (the schedule's step count, the skipped-step counts);
+- `host_00000.json`, one per host: the step, the data pipeline's position as of the last batch
+  the training step consumed, and the RNG states;
+- `COMPLETE`, written last.
 It is written as .step_00000300.tmp/ and renamed once whole, so a crash mid-save never leaves
-a folder that looks complete.
+a folder that looks complete. The newest `keep` complete checkpoints are kept.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import os
+import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch import nn
 
 from torchprime.backend.base import Backend
 
+log = logging.getLogger(__name__)
+
 COMPLETE = "COMPLETE"
+STEP_DIR = re.compile(r"step_(\d{8})\Z")
 # One writer thread makes DCP pick its overlapping loader, which fails when torchax is
 # imported (it registers a device module without streams); two or more take the serial one.
 WRITER_THREADS = 2
+
+
+class CorruptCheckpoint(Exception):
+    """A checkpoint folder that cannot be loaded; the message says what is wrong with it."""
 
 
 @contextlib.contextmanager
@@ -45,59 +59,135 @@ def checkpoint_dir(root: Path, step: int) -> Path:
     return root / f"step_{step:08d}"
 
 
-def training_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """What a checkpoint holds: model weights and the optimizer state keyed by parameter name
-    (not by position, so a checkpoint survives reordered parameter groups)."""
-    names = {p: n for n, p in model.named_parameters()}
-    return {
-        "model": model.state_dict(),
-        "optimizer": {names[p]: dict(s) for p, s in optimizer.state.items()},
-    }
+def host_file(path: Path, process_index: int) -> Path:
+    return path / f"host_{process_index:05d}.json"
+
+
+def step_dirs(root: Path) -> list[Path]:
+    """Every step_NNNNNNNN folder under `root`, complete or not, newest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
+    return sorted(found, key=lambda p: p.name, reverse=True)
+
+
+def is_complete(path: Path) -> bool:
+    return (path / COMPLETE).is_file()
 
 
 def save_checkpoint(
-    root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, backend: Backend
+    root: Path,
+    step: int,
+    state: dict[str, Any],
+    backend: Backend,
+    host_state: Optional[dict[str, Any]] = None,
+    keep: Optional[int] = None,
 ) -> Path:
+    """Write `state` (nested dicts of tensors) and this host's JSON `host_state` as the
+    checkpoint of `step`; then delete complete checkpoints older than the newest `keep`."""
     final = checkpoint_dir(root, step)
     tmp = root / f".{final.name}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)  # a previous save that died half-way
+    # Every tensor must hold data, not a pending XLA graph: reading a pending tensor would
+    # compile and run a graph of its own, for each tensor. The trainer saves right after a
+    # step's sync, so this sync has nothing to do there; it guards other callers.
+    backend.sync()
     # A save launched while device computations are in flight can fail on XLA.
     backend.wait_device_ops()
     save_planner, _ = backend.checkpoint_planners()
     with _quiet_library_warnings():
         dcp.save(
-            training_state(model, optimizer),
+            state,
             storage_writer=dcp.FileSystemWriter(str(tmp), thread_count=WRITER_THREADS),
             planner=save_planner,
             no_dist=not dist.is_initialized(),
         )
+    host = {"step": step, **(host_state or {})}
+    host_file(tmp, backend.process_index).write_text(json.dumps(host) + "\n")
     (tmp / COMPLETE).write_text(json.dumps({"step": step}) + "\n")
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
+    fsync_dir(root)
+    if keep is not None:
+        for old in [p for p in step_dirs(root) if is_complete(p)][keep:]:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def load_checkpoint(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, backend: Backend
-) -> int:
-    """Load weights and optimizer state in place; returns the checkpoint's step."""
+def check_readable(path: Path) -> dict[str, Any]:
+    """The COMPLETE marker of `path`, after checking that the DCP metadata reads and that every
+    data file it names is there and long enough; raises CorruptCheckpoint otherwise."""
     marker = path / COMPLETE
-    if not marker.exists():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
-    step = int(json.loads(marker.read_text())["step"])
-    for group in optimizer.param_groups:  # allocate state so DCP has tensors to load into
-        for p in group["params"]:
-            if not optimizer.state[p]:
-                optimizer.state[p].update(optimizer._init_state(p))
-    state = training_state(model, optimizer)
+    if not marker.is_file():
+        raise CorruptCheckpoint(f"no {COMPLETE} marker (the save did not finish)")
+    try:
+        complete = json.loads(marker.read_text())
+        int(complete["step"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CorruptCheckpoint(f"unreadable {COMPLETE} marker ({e})") from e
+    try:
+        metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    except Exception as e:  # noqa: BLE001 - pickle raises anything on a damaged file
+        raise CorruptCheckpoint(f"unreadable DCP metadata ({type(e).__name__}: {e})") from e
+    ends: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        file = path / name
+        size = file.stat().st_size if file.is_file() else None
+        if size is None or size < end:
+            what = "missing" if size is None else f"{size} bytes, {end} expected"
+            raise CorruptCheckpoint(f"data file {name} is {what}")
+    return complete
+
+
+def load_checkpoint(path: Path, state: dict[str, Any], backend: Backend) -> dict[str, Any]:
+    """Load the tensors of `state` in place from `path`; returns this host's JSON record
+    (at least {"step": N}). Raises CorruptCheckpoint when the folder cannot be loaded (the
+    tensors may then be partly overwritten: load another checkpoint or stop)."""
+    complete = check_readable(path)
     _, load_planner = backend.checkpoint_planners()
-    with _quiet_library_warnings():
-        dcp.load(
-            state,
-            storage_reader=dcp.FileSystemReader(str(path)),
-            planner=load_planner,
-            no_dist=not dist.is_initialized(),
-        )
-    return step
+    try:
+        # In place into parameters: autograd must not record the copies.
+        with torch.no_grad(), _quiet_library_warnings():
+            dcp.load(
+                state,
+                storage_reader=dcp.FileSystemReader(str(path)),
+                planner=load_planner,
+                no_dist=not dist.is_initialized(),
+            )
+    except Exception as e:  # noqa: BLE001 - DCP wraps reader errors in its own types
+        raise CorruptCheckpoint(f"loading failed ({type(e).__name__}: {_first_line(e)})") from e
+    record: dict[str, Any] = {"step": int(complete["step"])}
+    hosts = host_file(path, backend.process_index)
+    if hosts.is_file():
+        try:
+            record.update(json.loads(hosts.read_text()))
+        except ValueError as e:
+            raise CorruptCheckpoint(f"unreadable {hosts.name} ({e})") from e
+    return record
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else ""
+
+
+def describe_incomplete(root: Path) -> list[str]:
+    """Folders under `root` that look like checkpoints but are not complete (for warnings)."""
+    found = [p.name for p in step_dirs(root) if not is_complete(p)]
+    if root.is_dir():
+        found += sorted(p.name for p in root.iterdir() if p.name.endswith(".tmp"))
+    return found
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename durable where the platform allows it."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -1,9 +1,9 @@
-"""Schema of the `trainer` config group (configs/trainer/)."""
+"""Schema of the `trainer` config group (configs/trainer/) and of the `wandb` block."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Dict, List, Optional
 
 
 @dataclass
@@ -23,6 +23,9 @@ class OptimizerConfig:
     """Scale each tensor's update down to RMS ≤ update_rms_clip (StableAdamW; null: off)."""
     state_dtype: Optional[str] = None
     """float32 or bfloat16 for the moment estimates; null: the parameters' dtype."""
+    lr_multipliers: Dict[str, float] = field(default_factory=dict)
+    """Parameter name pattern (`*` is one name component, as in model.sharding) → factor on
+    the scheduled lr, e.g. {lm_head.weight: 0.5}. A pattern matching nothing is an error."""
 
 
 @dataclass
@@ -30,9 +33,14 @@ class LRSchedulerConfig:
     """Learning rate over the run: linear warmup, then a decay shape."""
 
     name: str = "cosine"
-    """constant, cosine or linear (decay from the peak to min_lr_ratio × peak at max_steps)."""
+    """constant; cosine or linear (decay from the peak to min_lr_ratio × peak at max_steps);
+    wsd (warmup-stable-decay: the peak, then a linear decay over the last decay_steps)."""
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1
+    decay_steps: Optional[int] = None
+    """wsd: steps of the final decay. Give this or decay_fraction (neither: 0.1 of max_steps)."""
+    decay_fraction: Optional[float] = None
+    """wsd: the final decay as a fraction of max_steps."""
 
 
 @dataclass
@@ -43,6 +51,8 @@ class CheckpointConfig:
     """Save every `interval` steps (null: only at the end)."""
     save_at_end: bool = True
     """Save once more when training ends."""
+    keep: Optional[int] = 3
+    """Keep the newest `keep` complete checkpoints, deleting older ones (null: keep all)."""
 
 
 @dataclass
@@ -52,15 +62,57 @@ class TrainerConfig:
     name: str = "lm"
     """Trainer class in the registry (trainers.TRAINERS)."""
     max_steps: int = 300
-    """Optimizer steps to run."""
+    """Optimizer steps to run; the lr schedule spans them."""
     global_batch_size: int = 8
-    """Rows per step over all hosts and devices; divisible by the data-parallel devices."""
+    """Rows per optimizer step over all hosts, devices and accumulated micro-batches;
+    divisible by grad_accum_steps × the data-parallel devices."""
+    grad_accum_steps: int = 1
+    """Micro-batches of global_batch_size / grad_accum_steps rows summed into one step (the
+    loss is normalized by the real tokens of all of them: the same step as one big batch)."""
     logging_steps: int = 10
-    """Log metrics every this many steps (and at the last step)."""
+    """Log metrics every this many steps (and at the first and last step)."""
     max_grad_norm: Optional[float] = 1.0
     """Clip gradients to this global L2 norm (null: no clipping; the norm is still logged)."""
+    max_grad_value: Optional[float] = None
+    """Clamp each gradient element to ±max_grad_value, before norm clipping (null: off)."""
+    max_consecutive_skips: Optional[int] = 10
+    """Stop the run when this many steps in a row had non-finite gradients (each is skipped:
+    nothing changes). Checked at logged steps. null: never stop."""
+    peak_flops_per_device: Optional[float] = None
+    """Peak FLOP/s of one device for the logged mfu; null: from the table of known TPUs (no
+    mfu elsewhere, e.g. on CPU)."""
     progress_bar: bool = True
     """Show a progress bar when the console is a terminal (else logged steps are printed)."""
+    resume: str = "never"
+    """never: refuse an output_dir that holds a run; auto: continue the run in output_dir from
+    its newest complete checkpoint (or from step 0 when it has none); or a checkpoint folder."""
+    recompile_warmup_steps: int = 2
+    """Steps allowed to compile (the step graph, then with the optimizer state); after them,
+    every new XLA compilation is reported with the step and its cause."""
+    fail_on_recompile: bool = False
+    """Stop the run (exit 1) at a compilation after warm-up instead of warning."""
+    stop_at_step: Optional[int] = None
+    """Stop once this step is done, as a preemption would (save, exit 0), without changing the
+    schedule, which still spans max_steps; resume with trainer.resume=auto. null: run on."""
+    export_hf: bool = False
+    """At the end, also write the model as an HF Llama folder to output_dir/hf (single host)."""
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     lr_scheduler: LRSchedulerConfig = field(default_factory=LRSchedulerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases logging of the metrics and the resolved config (process 0 only)."""
+
+    enabled: bool = False
+    mode: str = "offline"
+    """offline (written under `dir`, `wandb sync` uploads it later), online or disabled."""
+    project: str = "torchprime"
+    entity: Optional[str] = None
+    """Team or user; null: wandb's default for the logged-in user."""
+    run_name: Optional[str] = None
+    """Name shown in wandb; null: the run's run_name."""
+    tags: List[str] = field(default_factory=list)
+    dir: Optional[str] = None
+    """Where wandb writes its files (a wandb/ folder inside); null: output_dir."""

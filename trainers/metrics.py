@@ -1,11 +1,22 @@
-"""Where metrics go: one JSON object a logged step in output_dir/metrics.jsonl."""
+"""Where metrics go (output_dir/metrics.jsonl, one JSON object a logged step) and what model
+FLOPs utilization (mfu) is computed from."""
 
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
+
+from torch import nn
+
+#: Peak dense bf16 FLOP/s of one chip, by `backend.device_kind`.
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6e": 918e12,
+}
 
 
 class MetricsFile:
@@ -32,3 +43,53 @@ class MetricsFile:
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def truncate_metrics(path: Path, last_step: int) -> int:
+    """Drop the records of steps after `last_step` (a resumed run logs them again, from the
+    checkpoint's state), and a last line cut by a crash; returns how many lines were dropped."""
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if record.get("step", 0) <= last_step:
+            kept.append(line)
+        else:
+            dropped += 1
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    tmp.replace(path)
+    return dropped
+
+
+def model_flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token: 6 × N + 12 × layers × hidden × seq_len.
+
+    N counts the parameters that multiply activations: every parameter but the input
+    embedding tables (a lookup; a tied LM head is counted, as the head's matmul). 6 = 2 FLOPs
+    per multiply-add × (forward + 2 × backward). The second term is attention's QKᵀ and AV,
+    which have no parameters (PaLM, appendix B).
+    """
+    counted: dict[int, int] = {}
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            continue
+        for p in module.parameters(recurse=False):
+            counted[id(p)] = p.numel()
+    cfg = getattr(model, "config", None)
+    attention = 0
+    if cfg is not None and hasattr(cfg, "num_hidden_layers") and hasattr(cfg, "hidden_size"):
+        attention = 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
+    return 6.0 * sum(counted.values()) + attention
+
+
+def peak_flops(device_kind: str, override: Optional[float]) -> Optional[float]:
+    """Peak FLOP/s of one device: the config's value, else the table's, else None (no mfu)."""
+    if override is not None:
+        return override
+    return PEAK_FLOPS.get(device_kind)

@@ -55,6 +55,13 @@ class Backend(abc.ABC):
     def mark_sharding(self, tensor: torch.Tensor, mesh: Mesh, spec: PartitionSpec) -> None:
         """Shard `tensor` over `mesh` following `spec` (one entry per dimension)."""
 
+    def shard_activation(
+        self, tensor: torch.Tensor, mesh: Mesh, spec: PartitionSpec
+    ) -> torch.Tensor:
+        """`tensor` annotated with `spec`, and its gradient too in the backward pass. Not in
+        place: use the returned tensor. Identity where nothing is sharded."""
+        return tensor
+
     def sharding_of(self, tensor: torch.Tensor) -> str | None:
         """The sharding the runtime holds for `tensor`, as its own text; None when unsharded."""
         return None
@@ -91,6 +98,51 @@ class Backend(abc.ABC):
     def checkpoint_planners(self) -> tuple[Any, Any]:
         """(save planner, load planner) for torch.distributed.checkpoint; None: its defaults."""
         return None, None
+
+    def shard_like(self, tensor: torch.Tensor, like: torch.Tensor) -> None:
+        """Lay `tensor` out as `like` is (same shape): optimizer moments like their parameter."""
+
+    def rng_state(self) -> Any:
+        """The device RNG's state as a JSON value, for checkpoints; None where torch's CPU RNG
+        is the only one."""
+        return None
+
+    def set_rng_state(self, state: Any) -> None:
+        """Restore what `rng_state` returned."""
+
+    # -- model rewriting (torchprime.rewriting); the defaults are plain PyTorch ---------------
+    def checkpoint(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)`, its activations recomputed in backward instead of kept."""
+        import torch.utils.checkpoint
+
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+
+    def scan_layers(
+        self, layers: Sequence[torch.nn.Module], carry: tuple, remat: bool, pure: bool
+    ) -> tuple:
+        """Apply identical `layers` in turn to `carry` (each returns the next carry). Eager:
+        a loop; `remat` checkpoints each layer; `pure` matters only where tracing is cached."""
+        for layer in layers:
+            carry = self.checkpoint(layer, *carry) if remat else layer(*carry)
+        return carry
+
+    def add_backward_barrier(self, module: torch.nn.Module) -> None:
+        """Keep the compiler from fusing `module`'s backward with its neighbours' (XLA only)."""
+
+    def patch_linear(self, model: torch.nn.Module) -> None:
+        """Replace nn.Linear by a form that keeps activation sharding (XLA only)."""
+
+    def graph_text(self, tensors: list[torch.Tensor]) -> str:
+        """The compiler's program computing `tensors` (XLA: HLO text); empty where none."""
+        return ""
+
+    def compile_seconds(self) -> float:
+        """Seconds spent compiling graphs so far in this process (0 where nothing compiles)."""
+        return 0.0
+
+    def graph_hash(self, tensors: list[torch.Tensor]) -> bytes:
+        """A fingerprint of the graph computing `tensors` (XLA); empty where nothing is traced."""
+        return b""
 
     def describe(self) -> str:
         return f"{self.name} ({self.device_count} x {self.device_kind})"

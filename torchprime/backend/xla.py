@@ -52,7 +52,9 @@ class XlaBackend(Backend):
         if kind == "TPU":
             from torch_xla._internal import tpu
 
-            return f"TPU v{tpu.version()}"
+            # "v5litepod-8" → "TPU v5e", "v5p-128" → "TPU v5p": v5e and v5p differ 2x in peak.
+            kind = tpu.get_tpu_type().replace("v5litepod", "v5e")
+            return f"TPU {kind}"
         return kind
 
     @property
@@ -84,17 +86,26 @@ class XlaBackend(Backend):
     def place(self, host_tensor: torch.Tensor, mesh: Mesh, spec: PartitionSpec) -> torch.Tensor:
         if all(entry is None for entry in spec):
             return host_tensor.to(self._device)
-        if host_tensor.dim() < 2:
-            # torch_xla 2.9 fails to build shards of 1-D host tensors ("too many indices");
-            # these are small (norm weights), so send them whole and shard on the device.
+        sharding = xs.ShardingSpec(self.xla_mesh(mesh), spec)
+        try:
+            return xm.send_cpu_data_to_device([host_tensor], self._device, sharding)[0]
+        except IndexError as e:
+            # torch_xla 2.9 cannot cut host shards when the last tiled dimension is split and
+            # nothing is replicated (e.g. [fsdp] on a vector, [tensor, fsdp] on a matrix):
+            # "too many indices". Send that tensor whole and shard it on the device instead.
+            if "too many indices" not in str(e):
+                raise
             tensor = host_tensor.to(self._device)
             xs.mark_sharding(tensor, self.xla_mesh(mesh), spec)
             return tensor
-        sharding = xs.ShardingSpec(self.xla_mesh(mesh), spec)
-        return xm.send_cpu_data_to_device([host_tensor], self._device, sharding)[0]
 
     def mark_sharding(self, tensor: torch.Tensor, mesh: Mesh, spec: PartitionSpec) -> None:
         xs.mark_sharding(tensor, self.xla_mesh(mesh), spec)
+
+    def shard_activation(
+        self, tensor: torch.Tensor, mesh: Mesh, spec: PartitionSpec
+    ) -> torch.Tensor:
+        return xs.mark_sharding_with_gradients(tensor, self.xla_mesh(mesh), spec)
 
     def sharding_of(self, tensor: torch.Tensor) -> str | None:
         return torch_xla._XLAC._get_xla_sharding_spec(tensor) or None
@@ -128,6 +139,54 @@ class XlaBackend(Backend):
         from torch_xla.experimental.distributed_checkpoint import SPMDLoadPlanner, SPMDSavePlanner
 
         return SPMDSavePlanner(), SPMDLoadPlanner()
+
+    def shard_like(self, tensor: torch.Tensor, like: torch.Tensor) -> None:
+        sharding = torch_xla._XLAC._get_xla_op_sharding(like)
+        if sharding is not None:
+            torch_xla._XLAC._xla_mark_sharding(tensor, sharding)
+
+    def rng_state(self) -> int:
+        return xm.get_rng_state()
+
+    def set_rng_state(self, state: Any) -> None:
+        xm.set_rng_state(int(state))
+
+    def checkpoint(self, fn: Callable[..., Any], *args: Any) -> Any:
+        from torch_xla.utils.checkpoint import checkpoint
+
+        return checkpoint(fn, *args)
+
+    def scan_layers(
+        self, layers: Sequence[torch.nn.Module], carry: tuple, remat: bool, pure: bool
+    ) -> tuple:
+        # One layer is traced and compiled; the others reuse it with their own weights. With
+        # remat, the min-cut partitioner recomputes what the backward needs instead of saving
+        # every activation of every layer.
+        from functorch.compile import default_partition, min_cut_rematerialization_partition
+        from torch_xla.experimental.scan_layers import scan_layers
+
+        partition = min_cut_rematerialization_partition if remat else default_partition
+        return scan_layers(layers, carry, partition_fn=partition, is_layer_pure=pure)
+
+    def add_backward_barrier(self, module: torch.nn.Module) -> None:
+        from torch_xla.distributed.spmd.xla_sharding import apply_backward_optimization_barrier
+
+        apply_backward_optimization_barrier(module)
+
+    def patch_linear(self, model: torch.nn.Module) -> None:
+        from torch_xla.distributed.spmd.xla_sharding import apply_xla_patch_to_nn_linear
+
+        apply_xla_patch_to_nn_linear(model)
+
+    def graph_text(self, tensors: list[torch.Tensor]) -> str:
+        return torch_xla._XLAC._get_xla_tensors_hlo(tensors)
+
+    def compile_seconds(self) -> float:
+        data = met.metric_data("CompileTime")
+        return data[1] / 1e9 if data else 0.0  # the runtime keeps nanoseconds
+
+    def graph_hash(self, tensors: list[torch.Tensor]) -> bytes:
+        return torch_xla._XLAC._get_graph_hash(tensors)
 
     def optimization_barrier_(self, tensors: list[torch.Tensor]) -> None:
         xm.optimization_barrier_(tensors)

@@ -1,0 +1,39 @@
+"""The sharding plan of real presets on real pod meshes, computed on the meta device."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models import build_model
+from test_model_presets import composed
+from torchprime.mesh import MeshAxesConfig, resolve_mesh
+from torchprime.plan import format_plan, make_plan
+from torchprime.sharding import plan_parameter_specs
+
+
+def plan_for(preset, sharding, dtype, state_dtype=None, **axes):
+    cfg = composed(f"model={preset}", f"model/sharding={sharding}")
+    model = build_model(cfg.model, dtype)
+    mesh = resolve_mesh(MeshAxesConfig(**axes), MeshAxesConfig(), None)
+    return make_plan(model, plan_parameter_specs(model, cfg.model.sharding, mesh), mesh, state_dtype)
+
+
+def test_llama3_8b_on_256_chips_holds_a_256th_of_the_weights_per_chip():
+    plan = plan_for("llama3_8b", "fsdp", torch.bfloat16, torch.float32, fsdp=256)
+    assert plan.parameter_bytes == pytest.approx(8.03e9 * 2 / 256, rel=0.01)
+    assert plan.gradient_bytes == plan.parameter_bytes
+    # two float32 moments per parameter: 4x the bfloat16 weights
+    assert plan.optimizer_bytes == pytest.approx(4 * plan.parameter_bytes, rel=0.001)
+    embed = next(p for p in plan.parameters if p.name == "model.embed_tokens.weight")
+    assert embed.spec == ("fsdp", None) and embed.shard_shape == (501, 4096)
+
+
+def test_llama3_1_70b_with_fsdp_and_tensor_parallelism():
+    plan = plan_for("llama3_1_70b", "fsdp_tp", torch.bfloat16, fsdp=64, tensor=4)
+    q = next(p for p in plan.parameters if p.name == "model.layers.0.self_attn.q_proj.weight")
+    assert q.spec == ("tensor", "fsdp") and q.shard_shape == (8192 // 4, 8192 // 64)
+    assert plan.parameter_bytes == pytest.approx(70.55e9 * 2 / 256, rel=0.01)
+    text = format_plan(plan, max_rows=5)
+    assert "mesh fsdp=64 x tensor=4 (256 devices), 70.554B parameters" in text
+    assert "... and 718 more parameters" in text and "optimizer state" in text

@@ -1,0 +1,1 @@
+"""Command-line tools, run as modules: `python -m tools.NAME --help`."""

@@ -1,0 +1,206 @@
+"""Model rewriting from config: scan, rematerialization, optimization barriers, XLA linear.
+
+Applied from outside the model, by module paths and class names, in this fixed order:
+  1. `patch_linear`: nn.Linear → torch_xla's einsum linear (XLA only), which keeps batch and
+     sequence sharding through the matmul where the default lowering reshapes it away;
+  2. `activation_checkpoint_layers`: those modules recompute their activations in backward;
+  3. `scan_layers`: the layer stack at that path runs as one scanned loop (XLA: torch_xla's
+     scan, so compile time does not grow with depth; eager: the same loop, same numbers). A
+     scanned layer class that is also checkpointed is rematerialized by the scan itself;
+  4. `optimization_barrier_layers`: those modules' inputs (forward) and gradients (backward)
+     pass through optimization barriers, so XLA cannot fuse across them and undo the remat
+     (not inside a scan, whose loop body is kept apart already).
+On XLA, only a whole scanned layer can be checkpointed inside a scan, not a part of it.
+Each name must match something in the model; the error lists the closest real names.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from torchprime.backend.base import Backend
+from torchprime.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RematConfig:
+    """How the model is rewritten for compile time and memory (configs/model/remat/)."""
+
+    scan_layers: Optional[str] = None
+    """Path of a homogeneous layer stack to run as a scan (e.g. model.layers); null: unrolled."""
+    activation_checkpoint_layers: list[str] = field(default_factory=list)
+    """Module class names whose activations are recomputed in backward (e.g. LlamaDecoderLayer)."""
+    optimization_barrier_layers: list[str] = field(default_factory=list)
+    """Module class names wrapped in optimization barriers (forward inputs, backward grads)."""
+    pure_layers: bool = True
+    """The scanned layer has no side effects, so its traced graph is reused (faster tracing)."""
+    patch_linear: bool = True
+    """On XLA, replace nn.Linear by torch_xla's einsum linear to keep activation sharding."""
+
+
+def _closest(name: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.4)
+    return ", ".join(close) if close else "(none alike)"
+
+
+def check_remat(model: nn.Module, cfg: RematConfig, key: str = "model.remat") -> None:
+    """Every path and class name in `cfg` names something in `model`."""
+    classes = sorted({type(m).__name__ for m in model.modules()})
+    for list_key in ("activation_checkpoint_layers", "optimization_barrier_layers"):
+        for name in getattr(cfg, list_key):
+            if name not in classes:
+                raise ConfigError(
+                    f"{key}.{list_key}: no module of class {name!r} in the model. Closest "
+                    f"classes: {_closest(name, classes)}."
+                )
+    if cfg.scan_layers is not None:
+        stack = _stack(model, cfg.scan_layers, key)
+        kinds = {type(layer).__name__ for layer in stack}
+        if len(kinds) > 1:
+            raise ConfigError(
+                f"{key}.scan_layers={cfg.scan_layers!r} holds layers of several classes "
+                f"({', '.join(sorted(kinds))}); a scan needs identical layers."
+            )
+
+
+def _stack(model: nn.Module, path: str, key: str) -> nn.ModuleList:
+    paths = [name for name, _ in model.named_modules() if name]
+    try:
+        stack = model.get_submodule(path)
+    except AttributeError:
+        raise ConfigError(
+            f"{key}.scan_layers={path!r}: no such module. Closest paths: {_closest(path, paths)}."
+        ) from None
+    if not isinstance(stack, nn.ModuleList) or type(stack).forward is nn.ModuleList.forward:
+        raise ConfigError(
+            f"{key}.scan_layers={path!r} is a {type(stack).__name__}, not a layer stack the "
+            "model calls as one module (models.llama.LayerStack)."
+        )
+    return stack
+
+
+def _inside_scan(model: nn.Module, cfg: RematConfig) -> list[nn.Module]:
+    """Modules strictly inside the scanned layers (not the layers themselves)."""
+    if cfg.scan_layers is None:
+        return []
+    stack = _stack(model, cfg.scan_layers, "model.remat")
+    return [m for layer in stack for m in layer.modules() if m is not layer]
+
+
+def apply_rewriting(model: nn.Module, cfg: RematConfig, backend: Backend) -> None:
+    """Rewrite `model` in place as `cfg` says, in the order of this module's docstring."""
+    check_remat(model, cfg)
+    inside = _inside_scan(model, cfg)
+    if backend.is_xla:
+        nested = sorted(
+            {type(m).__name__ for m in inside} & set(cfg.activation_checkpoint_layers)
+        )
+        if nested:
+            # torch_xla's checkpoint is reentrant, and scan computes gradients with
+            # autograd.grad, which reentrant checkpointing refuses.
+            raise ConfigError(
+                f"model.remat.activation_checkpoint_layers: {', '.join(nested)} sits inside the "
+                f"scanned {cfg.scan_layers}; on XLA checkpoint the whole scanned layer instead."
+            )
+    if cfg.patch_linear and backend.is_xla:
+        backend.patch_linear(model)
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()  # the patch makes new Linear modules, untying a tied head
+    scanned_class = None
+    if cfg.scan_layers is not None:
+        scanned_class = type(next(iter(_stack(model, cfg.scan_layers, "model.remat")))).__name__
+    for module in list(model.modules()):
+        name = type(module).__name__
+        if name in cfg.activation_checkpoint_layers and name != scanned_class:
+            _checkpoint_forward(module, backend)
+    if cfg.scan_layers is not None:
+        stack = _stack(model, cfg.scan_layers, "model.remat")
+        remat = scanned_class in cfg.activation_checkpoint_layers
+        _scan_forward(stack, backend, remat=remat, pure=cfg.pure_layers)
+    scanned = {id(m) for m in inside}
+    if cfg.scan_layers is not None:
+        scanned |= {id(layer) for layer in _stack(model, cfg.scan_layers, "model.remat")}
+    for module in model.modules():
+        if type(module).__name__ not in cfg.optimization_barrier_layers:
+            continue
+        if backend.is_xla and id(module) in scanned:
+            # A scan's loop body is compiled apart from its neighbours already, and barriers
+            # traced into the body would be dropped: leave these modules as they are.
+            log.info("model.remat: no barrier on %s inside the scan", type(module).__name__)
+            continue
+        _barrier_forward(module, backend)
+
+
+def _swap_forward(module: nn.Module, wrap) -> None:
+    """Give `module` a subclass (same name) whose forward is `wrap(self, base_forward, *args)`.
+
+    A class-level forward, not an instance attribute: scan deep-copies the first layer and
+    calls the copy with each layer's weights (functional_call), so a wrapper must find its
+    module through `self`, never through a closure over the original module.
+    """
+    cls = type(module)
+    base_forward = cls.forward
+
+    def forward(self, *args: Any) -> Any:
+        return wrap(self, base_forward, *args)
+
+    module.__class__ = type(
+        cls.__name__, (cls,), {"forward": forward, "__qualname__": cls.__qualname__}
+    )
+
+
+def _checkpoint_forward(module: nn.Module, backend: Backend) -> None:
+    def checkpointed(self: nn.Module, base_forward, *args: Any) -> Any:
+        return backend.checkpoint(lambda *a: base_forward(self, *a), *args)
+
+    _swap_forward(module, checkpointed)
+
+
+def _barrier_forward(module: nn.Module, backend: Backend) -> None:
+    def with_barrier(self: nn.Module, base_forward, *args: Any) -> Any:
+        backend.optimization_barrier_([a for a in args if isinstance(a, torch.Tensor)])
+        return base_forward(self, *args)
+
+    _swap_forward(module, with_barrier)
+    backend.add_backward_barrier(module)
+
+
+class _CarryLayer(nn.Module):
+    """One layer as a scan step: carry (x, *shared) → (layer(x, *shared), *shared).
+
+    Inputs that are None (no attention bias, say) are left out of the carry, which holds
+    tensors only, and put back in their places for the layer.
+    """
+
+    def __init__(self, layer: nn.Module, none_at: tuple[bool, ...]):
+        super().__init__()
+        self.layer = layer
+        self.none_at = none_at
+
+    def forward(self, x: torch.Tensor, *shared: torch.Tensor):
+        it = iter(shared)
+        full = [None if is_none else next(it) for is_none in self.none_at]
+        return (self.layer(x, *full), *shared)
+
+
+def _scan_forward(stack: nn.ModuleList, backend: Backend, remat: bool, pure: bool) -> None:
+    # Wrappers are kept per pattern of absent inputs, so that a pure scan finds its traced
+    # layer again on the next step instead of tracing a new one.
+    wrappers: dict[tuple[bool, ...], list[_CarryLayer]] = {}
+
+    def scanned(self: nn.ModuleList, base_forward, x: torch.Tensor, *shared: Any) -> torch.Tensor:
+        none_at = tuple(s is None for s in shared)
+        if none_at not in wrappers:
+            wrappers[none_at] = [_CarryLayer(layer, none_at) for layer in self]
+        carry = (x, *(s for s in shared if s is not None))
+        return backend.scan_layers(wrappers[none_at], carry, remat=remat, pure=pure)[0]
+
+    _swap_forward(stack, scanned)
