@@ -23,7 +23,8 @@ from torchprime.backend import select_backend
 from torchprime.errors import ConfigError
 from torchprime.mesh import resolve_mesh
 from torchprime.materialize import materialize
-from torchprime.rewriting import apply_rewriting
+from torchprime.plan import format_plan, make_plan
+from torchprime.rewriting import apply_rewriting, check_remat
 from torchprime.sharding import (
     check_batch_divisible,
     plan_activation_specs,
@@ -65,6 +66,9 @@ def run(raw: DictConfig) -> TrainSummary:
     cfg: TrainConfig = OmegaConf.to_object(raw)
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     validate(cfg, tokenizer.vocab_size)
+    if cfg.plan_only:
+        print(sharding_plan(cfg))
+        sys.exit(0)
     output_dir = Path(cfg.output_dir)
     check_no_previous_run(output_dir, cfg.trainer.resume)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -145,6 +149,19 @@ def run(raw: DictConfig) -> TrainSummary:
         resolved = OmegaConf.to_container(raw, resolve=True)
         trainer.loggers.append(WandbLogger(cfg.wandb, cfg.run_name, output_dir, resolved))
     return trainer.train()
+
+
+def sharding_plan(cfg: TrainConfig) -> str:
+    """The plan for the configured mesh, from the model on the meta device (nothing allocated);
+    every sharding and remat name is checked on the way."""
+    mesh = resolve_mesh(cfg.ici_mesh, cfg.dcn_mesh, None)
+    model = build_model(cfg.model, DTYPES[cfg.dtype])
+    specs = plan_parameter_specs(model, cfg.model.sharding, mesh)
+    plan_activation_specs(model, cfg.model.sharding)
+    check_remat(model, cfg.model.remat)
+    state_dtype = cfg.trainer.optimizer.state_dtype
+    plan = make_plan(model, specs, mesh, DTYPES[state_dtype] if state_dtype else None)
+    return format_plan(plan)
 
 
 def check_no_previous_run(output_dir: Path, resume: str = "never") -> None:

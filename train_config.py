@@ -47,6 +47,9 @@ class TrainConfig:
     """Mesh axes inside a slice (fast interconnect)."""
     dcn_mesh: MeshAxesConfig = field(default_factory=MeshAxesConfig)
     """Mesh axes across slices (data-center network); all 1 on a single slice."""
+    plan_only: bool = False
+    """Print the sharding plan (per-parameter specs and shards, per-device bytes) for the mesh
+    as configured, computed on the meta device, and exit: no device, no weights, no TPU."""
     run_name: str = "run"
     """Names the run (output folder, wandb). configs/default.yaml makes it the start time, so
     every run gets a new folder; name it yourself to find the run again."""

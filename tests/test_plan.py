@@ -37,3 +37,17 @@ def test_llama3_1_70b_with_fsdp_and_tensor_parallelism():
     text = format_plan(plan, max_rows=5)
     assert "mesh fsdp=64 x tensor=4 (256 devices), 70.554B parameters" in text
     assert "... and 718 more parameters" in text and "optimizer state" in text
+
+
+def test_plan_only_prints_the_plan_of_a_pod_config_without_running(tmp_path):
+    from conftest import run_train
+
+    proc = run_train(
+        "plan_only=true", "model=llama3_8b", "dtype=bfloat16", "ici_mesh.fsdp=256",
+        "data.block_size=2048", f"output_dir={tmp_path / 'run'}",
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "sharding plan on mesh fsdp=256 (256 devices), 8.030B parameters" in proc.stdout
+    assert "parameters          59.83 MiB" in proc.stdout
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert "torch_xla" not in proc.stderr
