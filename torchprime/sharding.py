@@ -73,6 +73,15 @@ def _show_entry(entry: str | tuple[str, ...] | None) -> str:
     return entry if isinstance(entry, str) else f"[{', '.join(entry or ())}]"
 
 
+def _matching(pattern: str, names: list[str], where: str, kind: str) -> list[str]:
+    """The names `pattern` matches; an error listing the closest names when there are none."""
+    regex = pattern_regex(pattern)
+    matched = [name for name in names if regex.match(name)]
+    if not matched:
+        raise ConfigError(f"{where} matches no {kind}. Closest names: {_closest(pattern, names)}.")
+    return matched
+
+
 def _closest(name: str, candidates: Iterable[str], n: int = 3) -> str:
     close = difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.4)
     return ", ".join(close) if close else "(none alike)"
@@ -93,13 +102,7 @@ def plan_parameter_specs(
     for pattern, raw in cfg.parameters.items():
         where = f"{key}[{pattern!r}]"
         spec = parse_spec(raw, where)
-        regex = pattern_regex(pattern)
-        matched = [name for name in params if regex.match(name)]
-        if not matched:
-            raise ConfigError(
-                f"{where} matches no parameter. Closest names: {_closest(pattern, params)}."
-            )
-        for name in matched:
+        for name in _matching(pattern, list(params), where, "parameter"):
             shape = tuple(params[name].shape)
             if len(spec) != len(shape):
                 raise ConfigError(
@@ -163,13 +166,7 @@ def plan_activation_specs(
         parts = _OUTPUT_INDEX.match(raw_pattern)
         pattern, index = parts["pattern"], parts["index"]
         spec = parse_spec(raw, where)
-        regex = pattern_regex(pattern)
-        matched = [name for name in modules if regex.match(name)]
-        if not matched:
-            raise ConfigError(
-                f"{where} matches no module. Closest names: {_closest(pattern, modules)}."
-            )
-        for name in matched:
+        for name in _matching(pattern, modules, where, "module"):
             plans.append(ActivationSpec(name, None if index is None else int(index), spec, raw_pattern))
     return plans
 
