@@ -31,18 +31,22 @@ ROPE = {
     "original_max_position_embeddings": 32,
 }
 TOL = dict(rtol=1e-5, atol=1e-5)
+#: The tiny architecture both sides build: HF's LlamaConfig and ours share these field names.
+SHAPE = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
 
 
 def hf_llama(tie: bool = False, seed: int = 0) -> transformers.LlamaForCausalLM:
     """A tiny random transformers Llama: GQA (4 heads, 2 KV heads) and Llama 3.1 RoPE."""
     cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
+        **SHAPE,
         rms_norm_eps=1e-5,
         rope_parameters=dict(ROPE),  # transformers 5 layout; it edits the dict it is given
         tie_word_embeddings=tie,
@@ -190,13 +194,7 @@ def test_tied_embeddings_from_sharded_files(tmp_path):
 def our_llama() -> torch.nn.Module:
     """Our tiny Llama, initialized through materialize as in training."""
     cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
+        **SHAPE,
         rope_theta=500000.0,
         rope_scaling=RopeScalingConfig(original_max_position_embeddings=32),
         initializer_range=0.1,
