@@ -17,6 +17,7 @@ from torch import nn
 
 from torchprime.attention import tpu_attention
 from torchprime.errors import ConfigError
+from torchprime.offload import offload_name
 from torchprime.rewriting import RematConfig
 from torchprime.sharding import ShardingConfig
 
@@ -201,9 +202,12 @@ class LlamaAttention(nn.Module):
         bias: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = offload_name(self.q_proj(x), "q_proj")
+        k = offload_name(self.k_proj(x), "k_proj")
+        v = offload_name(self.v_proj(x), "v_proj")
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # [B, H|K, T, D]
         groups = self.num_heads // self.num_kv_heads
         k = k.repeat_interleave(groups, dim=1)  # [B, H, T, D]
@@ -218,7 +222,7 @@ class LlamaAttention(nn.Module):
                 kernel, q, k, v, self.cfg.is_causal, bias, self.cfg.attention_block_sizes
             )
         out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
-        return self.o_proj(out)
+        return self.o_proj(offload_name(out, "attention_output"))
 
 
 def causal_bias(T: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -291,7 +295,9 @@ class LlamaDecoderLayer(nn.Module):
         sin: torch.Tensor,
         bias: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
+        x = offload_name(x, "decoder_input")
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, bias)
+        x = offload_name(x, "mlp_input")
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -339,6 +345,9 @@ class CausalLMOutput:
 
 
 class LlamaForCausalLM(nn.Module):
+    offload_names = ("decoder_input", "q_proj", "k_proj", "v_proj", "attention_output", "mlp_input")
+    """Activations marked for `model.remat.offload_tensors` (torchprime.offload), per layer."""
+
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         cfg.validate()

@@ -7,7 +7,11 @@ Applied from outside the model, by module paths and class names, in this fixed o
   3. `scan_layers`: the layer stack at that path runs as one scanned loop (XLA: torch_xla's
      scan, so compile time does not grow with depth; eager: the same loop, same numbers). A
      scanned layer class that is also checkpointed is rematerialized by the scan itself;
-  4. `optimization_barrier_layers`: those modules' inputs (forward) and gradients (backward)
+  4. `offload_tensors`: inside the scan, the activations the model marked with those names
+     (torchprime.offload) are the only ones kept for backward, in host memory; the rest is
+     recomputed. TPU only: elsewhere a warning and no offload, or an error with
+     `offload_strict`;
+  5. `optimization_barrier_layers`: those modules' inputs (forward) and gradients (backward)
      pass through optimization barriers, so XLA cannot fuse across them and undo the remat
      (not inside a scan, whose loop body is kept apart already).
 On XLA, only a whole scanned layer can be checkpointed inside a scan, not a part of it.
@@ -24,6 +28,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from torchprime import offload
 from torchprime.backend.base import Backend
 from torchprime.errors import ConfigError
 
@@ -44,6 +49,11 @@ class RematConfig:
     """The scanned layer has no side effects, so its traced graph is reused (faster tracing)."""
     patch_linear: bool = True
     """On XLA, replace nn.Linear by torch_xla's einsum linear to keep activation sharding."""
+    offload_tensors: list[str] = field(default_factory=list)
+    """Activation names (the model's `offload_names`) kept in host memory for backward, all
+    else recomputed; needs scan_layers. TPU only."""
+    offload_strict: bool = False
+    """Refuse to start where host offload cannot run, instead of warning and running without."""
 
 
 def _closest(name: str, candidates: list[str]) -> str:
@@ -61,6 +71,19 @@ def check_remat(model: nn.Module, cfg: RematConfig, key: str = "model.remat") ->
                     f"{key}.{list_key}: no module of class {name!r} in the model. Closest "
                     f"classes: {_closest(name, classes)}."
                 )
+    if cfg.offload_tensors:
+        known = list(getattr(model, "offload_names", ()))
+        for name in cfg.offload_tensors:
+            if name not in known:
+                raise ConfigError(
+                    f"{key}.offload_tensors: the model marks no activation {name!r}. Closest: "
+                    f"{_closest(name, known)} (all: {', '.join(known) or 'none'})."
+                )
+        if cfg.scan_layers is None:
+            raise ConfigError(
+                f"{key}.offload_tensors needs {key}.scan_layers: activations are offloaded "
+                "by the scan's partitioner."
+            )
     if cfg.scan_layers is not None:
         stack = _stack(model, cfg.scan_layers, key)
         kinds = {type(layer).__name__ for layer in stack}
@@ -121,10 +144,11 @@ def apply_rewriting(model: nn.Module, cfg: RematConfig, backend: Backend) -> Non
         name = type(module).__name__
         if name in cfg.activation_checkpoint_layers and name != scanned_class:
             _checkpoint_forward(module, backend)
+    offloaded = _offloaded(cfg, backend)
     if cfg.scan_layers is not None:
         stack = _stack(model, cfg.scan_layers, "model.remat")
         remat = scanned_class in cfg.activation_checkpoint_layers
-        _scan_forward(stack, backend, remat=remat, pure=cfg.pure_layers)
+        _scan_forward(stack, backend, remat=remat, pure=cfg.pure_layers, offloaded=offloaded)
     scanned = {id(m) for m in inside}
     if cfg.scan_layers is not None:
         scanned |= {id(layer) for layer in _stack(model, cfg.scan_layers, "model.remat")}
@@ -137,6 +161,27 @@ def apply_rewriting(model: nn.Module, cfg: RematConfig, backend: Backend) -> Non
             log.info("model.remat: no barrier on %s inside the scan", type(module).__name__)
             continue
         _barrier_forward(module, backend)
+
+
+def _offloaded(cfg: RematConfig, backend: Backend) -> frozenset[str]:
+    """The activation names to offload on this backend (and the model's markers set to match)."""
+    names = frozenset(cfg.offload_tensors)
+    if names and not backend.supports_host_offload:
+        where = f"{backend.name} ({backend.device_kind})"
+        if cfg.offload_strict:
+            raise ConfigError(
+                f"model.remat.offload_tensors={sorted(names)}: host offload runs on TPU only, "
+                f"not on {where}; set model.remat.offload_strict=false to run without it."
+            )
+        log.warning(
+            "model.remat.offload_tensors=%s: host offload runs on TPU only; on %s the scan "
+            "keeps these activations in device memory.",
+            sorted(names),
+            where,
+        )
+        names = frozenset()
+    offload.set_active(sorted(names))
+    return names
 
 
 def _swap_forward(module: nn.Module, wrap) -> None:
@@ -191,7 +236,9 @@ class _CarryLayer(nn.Module):
         return (self.layer(x, *full), *shared)
 
 
-def _scan_forward(stack: nn.ModuleList, backend: Backend, remat: bool, pure: bool) -> None:
+def _scan_forward(
+    stack: nn.ModuleList, backend: Backend, remat: bool, pure: bool, offloaded: frozenset[str]
+) -> None:
     # Wrappers are kept per pattern of absent inputs, so that a pure scan finds its traced
     # layer again on the next step instead of tracing a new one.
     wrappers: dict[tuple[bool, ...], list[_CarryLayer]] = {}
@@ -201,6 +248,8 @@ def _scan_forward(stack: nn.ModuleList, backend: Backend, remat: bool, pure: boo
         if none_at not in wrappers:
             wrappers[none_at] = [_CarryLayer(layer, none_at) for layer in self]
         carry = (x, *(s for s in shared if s is not None))
-        return backend.scan_layers(wrappers[none_at], carry, remat=remat, pure=pure)[0]
+        return backend.scan_layers(
+            wrappers[none_at], carry, remat=remat, pure=pure, offloaded=offloaded
+        )[0]
 
     _swap_forward(stack, scanned)

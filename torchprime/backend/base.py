@@ -117,11 +117,20 @@ class Backend(abc.ABC):
 
         return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
 
+    supports_host_offload = False
+    """Whether activations can live in host memory between forward and backward (TPU)."""
+
     def scan_layers(
-        self, layers: Sequence[torch.nn.Module], carry: tuple, remat: bool, pure: bool
+        self,
+        layers: Sequence[torch.nn.Module],
+        carry: tuple,
+        remat: bool,
+        pure: bool,
+        offloaded: frozenset[str] = frozenset(),
     ) -> tuple:
         """Apply identical `layers` in turn to `carry` (each returns the next carry). Eager:
-        a loop; `remat` checkpoints each layer; `pure` matters only where tracing is cached."""
+        a loop; `remat` checkpoints each layer; `pure` matters only where tracing is cached;
+        `offloaded` names the marked activations kept on the host (torchprime.offload)."""
         for layer in layers:
             carry = self.checkpoint(layer, *carry) if remat else layer(*carry)
         return carry

@@ -156,17 +156,40 @@ class XlaBackend(Backend):
 
         return checkpoint(fn, *args)
 
+    @property
+    def supports_host_offload(self) -> bool:
+        return self.device_kind.startswith("TPU")
+
     def scan_layers(
-        self, layers: Sequence[torch.nn.Module], carry: tuple, remat: bool, pure: bool
+        self,
+        layers: Sequence[torch.nn.Module],
+        carry: tuple,
+        remat: bool,
+        pure: bool,
+        offloaded: frozenset[str] = frozenset(),
     ) -> tuple:
         # One layer is traced and compiled; the others reuse it with their own weights. With
         # remat, the min-cut partitioner recomputes what the backward needs instead of saving
-        # every activation of every layer.
+        # every activation of every layer; with offload, only the marked activations are
+        # saved, on the host.
         from functorch.compile import default_partition, min_cut_rematerialization_partition
         from torch_xla.experimental.scan_layers import scan_layers
 
-        partition = min_cut_rematerialization_partition if remat else default_partition
+        if offloaded:
+            partition = self.offload_partition(offloaded)
+        else:
+            partition = min_cut_rematerialization_partition if remat else default_partition
         return scan_layers(layers, carry, partition_fn=partition, is_layer_pure=pure)
+
+    def offload_partition(self, names: frozenset[str]):
+        """The scan partition function that keeps the activations marked `names` on the host."""
+        import torch_xla.experimental.stablehlo_custom_call  # noqa: F401 (registers the ops)
+
+        from torchprime.offload import offload_partition
+
+        return offload_partition(
+            names, torch.ops.xla.place_to_host.default, torch.ops.xla.place_to_device.default
+        )
 
     def add_backward_barrier(self, module: torch.nn.Module) -> None:
         from torch_xla.distributed.spmd.xla_sharding import apply_backward_optimization_barrier
