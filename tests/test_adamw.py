@@ -126,3 +126,23 @@ def test_init_state_creates_what_the_first_step_would():
     state = opt.state[model.weight]
     assert state["exp_avg"].shape == (2, 3) and state["exp_avg"].dtype == torch.bfloat16
     assert state["step"].item() == 0 and not state["exp_avg_sq"].any()
+
+
+class TracedPath(AdamW):
+    """The out-of-place update XLA traces, run on the CPU."""
+
+    @staticmethod
+    def updates_in_place(p):
+        return False
+
+
+@pytest.mark.parametrize("kwargs", [
+    {}, {"update_clip": 0.5}, {"update_rms_clip": 0.5}, {"state_dtype": torch.bfloat16},
+])
+def test_the_in_place_update_of_eager_devices_matches_the_traced_one(kwargs):
+    in_place, opt = train(AdamW, **kwargs)
+    traced, ref_opt = train(TracedPath, **kwargs)
+    for a, b in zip(in_place.parameters(), traced.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    if "update_clip" in kwargs or "update_rms_clip" in kwargs:
+        assert opt.update_clip_fraction.item() == ref_opt.update_clip_fraction.item()
