@@ -170,6 +170,12 @@ class BaseTrainer:
         self._window_start = (0, 0.0)  # (step, time) of the previous logged step
         self._steady_start: Optional[tuple[int, float]] = None
         self._bar: Optional[tqdm] = None
+        if cfg.compile and backend.is_xla:
+            log.warning("trainer.compile=true is ignored on XLA, which compiles the whole step")
+        elif cfg.compile:
+            # The bound method, not the module: torch.compile on a module would prefix every
+            # parameter name with `_orig_mod.` (checkpoints, HF export, optimizer groups).
+            self.forward = torch.compile(self.forward)
 
     # -- what subclasses define ------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
