@@ -9,6 +9,7 @@ import logging
 import pytest
 import torch
 
+from conftest import HAS_XLA
 from models import build_model
 from models.llama import LlamaConfig
 from torchprime.backend import select_backend
@@ -128,3 +129,23 @@ def test_resume_from_a_folder_that_is_not_a_complete_checkpoint_names_the_key(tm
     (tmp_path / "half").mkdir()
     with pytest.raises(ConfigError, match=r"trainer.resume=.*half: cannot load it: no COMPLETE"):
         make_trainer(tmp_path, resume=str(tmp_path / "half")).restore()
+
+
+@pytest.mark.skipif(not HAS_XLA, reason="torch_xla is not installed")
+def test_xla_tensors_split_on_some_axes_and_replicated_on_others_are_saved(tmp_path):
+    """On an fsdp x tensor mesh a norm weight split over fsdp only has two copies of each
+    shard; torch_xla's planner alone dropped such tensors from the checkpoint."""
+    xla = select_backend("xla", cpu_devices=4)
+    mesh = resolve_mesh(MeshAxesConfig(fsdp=2, tensor=2), MeshAxesConfig(), 4)
+    specs = {"norm": ("fsdp",), "head": ("tensor",), "matrix": ("fsdp", "tensor"), "copy": (None,)}
+    values = {name: torch.arange(16.0) + i for i, name in enumerate(specs)}
+    values["matrix"] = torch.arange(64.0).reshape(8, 8)
+
+    def state(source):
+        return {"model": {n: xla.place(source[n].clone(), mesh, specs[n]) for n in specs}}
+
+    path = save_checkpoint(tmp_path, 1, state(values), xla)
+    fresh = state({n: torch.zeros_like(v) for n, v in values.items()})
+    load_checkpoint(path, fresh, xla)
+    for name, tensor in fresh["model"].items():
+        assert torch.equal(tensor.cpu(), values[name]), name

@@ -103,6 +103,7 @@ def save_checkpoint(
             planner=save_planner,
             no_dist=not dist.is_initialized(),
         )
+    _check_all_written(tmp, state)
     host = {"step": step, **(host_state or {})}
     host_file(tmp, backend.process_index).write_text(json.dumps(host) + "\n")
     (tmp / COMPLETE).write_text(json.dumps({"step": step}) + "\n")
@@ -114,6 +115,26 @@ def save_checkpoint(
         for old in [p for p in step_dirs(root) if is_complete(p)][keep:]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _flat_keys(state: dict[str, Any], prefix: str = "") -> list[str]:
+    """The names DCP gives the tensors of nested dicts (parts joined by dots)."""
+    keys = []
+    for k, v in state.items():
+        keys += _flat_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [prefix + k]
+    return keys
+
+
+def _check_all_written(path: Path, state: dict[str, Any]) -> None:
+    """Every tensor of `state` is in the checkpoint's metadata. A planner that drops one
+    would otherwise leave a checkpoint that only fails at the resume, maybe days later."""
+    written = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    missing = [k for k in _flat_keys(state) if k not in written]
+    if missing:
+        raise RuntimeError(
+            f"checkpoint {path}: {len(missing)} tensors were not written ({', '.join(missing[:5])}"
+            f"{', ...' if len(missing) > 5 else ''}); the folder is left incomplete."
+        )
 
 
 def check_readable(path: Path) -> dict[str, Any]:

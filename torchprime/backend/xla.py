@@ -136,9 +136,11 @@ class XlaBackend(Backend):
     def checkpoint_planners(self) -> tuple[Any, Any]:
         # Sharded XLA tensors are saved shard by shard by these planners, and can be loaded
         # onto another mesh.
-        from torch_xla.experimental.distributed_checkpoint import SPMDLoadPlanner, SPMDSavePlanner
+        from torch_xla.experimental.distributed_checkpoint import SPMDLoadPlanner
 
-        return SPMDSavePlanner(), SPMDLoadPlanner()
+        from torchprime.backend.xla_planners import SavePlanner
+
+        return SavePlanner(), SPMDLoadPlanner()
 
     def shard_like(self, tensor: torch.Tensor, like: torch.Tensor) -> None:
         sharding = torch_xla._XLAC._get_xla_op_sharding(like)
