@@ -1,0 +1,54 @@
+"""tools.plot_metrics: a PNG from a run's metrics.jsonl, and errors that name the file."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models import build_model
+from models.llama import LlamaConfig
+from torchprime.backend import select_backend
+from torchprime.mesh import MeshAxesConfig, resolve_mesh
+from tools.plot_metrics import main
+from trainers.config import CheckpointConfig, TrainerConfig
+from trainers.lm_trainer import LMTrainer
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A real run's output_dir: three logged steps of the tiny model on the CPU."""
+    out = tmp_path_factory.mktemp("run")
+    model = build_model(LlamaConfig(num_hidden_layers=1), torch.float32).to_empty(device="cpu")
+    model.init_weights(torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 259, (2, 16), generator=torch.Generator().manual_seed(0))
+    cfg = TrainerConfig(max_steps=3, logging_steps=1, progress_bar=False,
+                        checkpoint=CheckpointConfig(save_at_end=False))
+    LMTrainer(cfg, model, select_backend("cpu", cpu_devices=1),
+              resolve_mesh(MeshAxesConfig(fsdp=1), MeshAxesConfig(), None),
+              iter(lambda: {"input_ids": ids, "labels": ids}, None), out,
+              tokens_per_step=32).train()
+    return out
+
+
+def test_writes_a_png_next_to_the_metrics_of_an_output_dir(run_dir):
+    out = main([str(run_dir)])
+    assert out == run_dir / "metrics.png"
+    assert out.read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_writes_where_out_says_from_the_metrics_file(run_dir, tmp_path):
+    out = main([str(run_dir / "metrics.jsonl"), "--out", str(tmp_path / "loss.png")])
+    assert out == tmp_path / "loss.png" and out.read_bytes().startswith(PNG_SIGNATURE)
+
+
+@pytest.mark.parametrize("content", [None, "", "\n"])
+def test_a_missing_or_empty_file_is_an_error_naming_it(tmp_path, capsys, content):
+    path = tmp_path / "metrics.jsonl"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert str(path) in capsys.readouterr().err
