@@ -4,7 +4,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: train test clean-venv
+.PHONY: train test bench clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ train: $(STAMP)
 # The test suite. pytest's exit code 5 ("no tests collected") is not a failure of the suite.
 test: $(STAMP)
 	@$(VENV)/bin/python -m pytest $(ARGS); rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
+
+# Every benchmark (bench/), about 15 minutes on 2 cores; rewrites BENCHMARKS.md's tables and
+# benchmarks.png (extra arguments: make bench ARGS="--only eager compiled").
+bench: $(STAMP)
+	$(VENV)/bin/python -m bench $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -11,7 +11,10 @@ compiled whatever the depth, so compile time should stay nearly flat.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+from pathlib import Path
+from typing import Optional
 import time
 
 os.environ.setdefault("PJRT_DEVICE", "CPU")
@@ -69,12 +72,13 @@ def measure(backend, mesh, depth: int, scan: bool, steps: int) -> dict[str, floa
     }
 
 
-def main() -> None:
+def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depths", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--devices", type=int, default=4, help="virtual devices (fsdp mesh)")
-    args = parser.parse_args()
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    args = parser.parse_args(argv)
     backend = select_backend("xla", cpu_devices=args.devices)
     mesh = resolve_mesh(MeshAxesConfig(fsdp=args.devices), MeshAxesConfig(), args.devices)
     rows = []
@@ -95,6 +99,12 @@ def main() -> None:
         f"scan {growth_scan:.2f}x; at depth {deep} scan compiles in "
         f"{compile_of[(deep, True)] / compile_of[(deep, False)]:.2f}x the unrolled time"
     )
+    if args.json:
+        args.json.write_text(json.dumps({
+            "devices": args.devices, "steps": args.steps,
+            "rows": [{"depth": d, "variant": "scan" if s else "unrolled", **r} for d, s, r in rows],
+            "growth_unrolled": growth_unrolled, "growth_scan": growth_scan,
+        }, indent=1))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ training, so that it never makes a step wait even on a busy host.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import tempfile
 import time
@@ -95,6 +96,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--bpe-vocab", type=int, default=8192)
     parser.add_argument("--bpe-train-bytes", type=int, default=3_000_000)
     parser.add_argument("--packings", default="concat,document,pad")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     try:  # "Resolving data files" bars at every pass would clutter the table
@@ -131,6 +133,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     verdict = "OK" if ratio >= TARGET else f"below the {TARGET:g}x target"
     print(f"ratio: slowest pipeline ({name}, {packing}) {slowest:,.0f} / training {train:,.0f} "
           f"tokens/s = {ratio:,.1f}x (target >= {TARGET:g}x): {verdict}")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "batch_size": args.batch_size, "block_size": args.block_size,
+            "bpe_vocab": args.bpe_vocab, "train_tokens_per_sec": train, "ratio": ratio,
+            "rows": [{"tokenizer": t, "packing": p, "tokens_per_sec": r} for t, p, r in results],
+        }, indent=1))
 
 
 if __name__ == "__main__":
