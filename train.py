@@ -9,21 +9,23 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import Optional
 
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from data.pipeline import TextBatches
-from data.tokenizers import build_tokenizer
+from data.tokenizers import Tokenizer, build_tokenizer
 from models import build_model
 from optimizers.groups import param_groups
 from torchprime.attention import check_attention_kernel
 from torchprime.backend import select_backend
+from torchprime.backend.base import Backend
 from torchprime.errors import ConfigError
-from torchprime.mesh import resolve_mesh
+from torchprime.mesh import Mesh, resolve_mesh
 from torchprime.materialize import materialize
-from torchprime.plan import format_plan, make_plan
+from torchprime.plan import TPU_HBM_GIB, ShardingPlan, fit_verdict, format_plan, make_plan
 from torchprime.rewriting import apply_rewriting, check_remat
 from torchprime.sharding import (
     check_batch_divisible,
@@ -50,6 +52,10 @@ register_schema()
 @hydra.main(config_path="configs", config_name="default", version_base=None)
 def main(raw: DictConfig) -> None:
     try:
+        if raw.get("dry_run"):
+            from dry_run import dry_run
+
+            sys.exit(dry_run(OmegaConf.to_object(raw)))
         summary = run(raw)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -73,10 +79,17 @@ def run(raw: DictConfig) -> TrainSummary:
     check_no_previous_run(output_dir, cfg.trainer.resume)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(raw, resolve=True))
-
-    # 2. The backend and its mesh. On XLA the mesh must cover every device; eager backends run
-    #    on one device and only check the mesh against the model and batch.
     backend = select_backend(cfg.backend, cpu_devices=cfg.cpu_devices or mesh_size(cfg) or 1)
+    check_target(cfg, backend)
+    return train(cfg, backend, tokenizer, output_dir, OmegaConf.to_container(raw, resolve=True))
+
+
+def train(
+    cfg: TrainConfig, backend: Backend, tokenizer: Tokenizer, output_dir: Path, resolved: dict
+) -> TrainSummary:
+    """Steps 2 to 5 of the story, for a checked config; `resolved` is what wandb records."""
+    # 2. The mesh. On XLA it must cover every device; eager backends run on one device and
+    #    only check the mesh against the model and batch.
     mesh = resolve_mesh(
         cfg.ici_mesh, cfg.dcn_mesh, backend.device_count if backend.is_xla else None
     )
@@ -146,7 +159,6 @@ def run(raw: DictConfig) -> TrainSummary:
     if cfg.wandb.enabled and backend.process_index == 0:
         from trainers.wandb_logger import WandbLogger
 
-        resolved = OmegaConf.to_container(raw, resolve=True)
         trainer.loggers.append(WandbLogger(cfg.wandb, cfg.run_name, output_dir, resolved))
     return trainer.train()
 
@@ -154,14 +166,56 @@ def run(raw: DictConfig) -> TrainSummary:
 def sharding_plan(cfg: TrainConfig) -> str:
     """The plan for the configured mesh, from the model on the meta device (nothing allocated);
     every sharding and remat name is checked on the way."""
-    mesh = resolve_mesh(cfg.ici_mesh, cfg.dcn_mesh, None)
+    mesh = resolve_mesh(cfg.ici_mesh, cfg.dcn_mesh, cfg.target.num_devices)
     model = build_model(cfg.model, DTYPES[cfg.dtype])
     specs = plan_parameter_specs(model, cfg.model.sharding, mesh)
     plan_activation_specs(model, cfg.model.sharding)
     check_remat(model, cfg.model.remat)
+    plan = plan_for(cfg, model, specs, mesh)
+    text = format_plan(plan)
+    if (hbm := target_hbm(cfg)) is not None:
+        text += "\n  " + fit_verdict(plan, hbm[0], hbm[1]).text
+    return text
+
+
+def plan_for(cfg: TrainConfig, model: torch.nn.Module, specs: dict, mesh: Mesh) -> ShardingPlan:
     state_dtype = cfg.trainer.optimizer.state_dtype
-    plan = make_plan(model, specs, mesh, DTYPES[state_dtype] if state_dtype else None)
-    return format_plan(plan)
+    return make_plan(model, specs, mesh, DTYPES[state_dtype] if state_dtype else None)
+
+
+def target_hbm(cfg: TrainConfig) -> Optional[tuple[float, str]]:
+    """Bytes of HBM per chip of the target and how to name it, when the config says."""
+    t = cfg.target
+    if t.hbm_gib is not None:
+        return t.hbm_gib * 2**30, f"target.hbm_gib={t.hbm_gib:g}"
+    if t.chip is not None:
+        return TPU_HBM_GIB[t.chip] * 2**30, f"a TPU {t.chip} chip"
+    return None
+
+
+def check_target(cfg: TrainConfig, backend: Backend) -> None:
+    """A config written for a pod (target.*) runs on that pod: the same chip count, and not
+    by mistake on a CPU, where an 8B model would grind for hours before running out of memory."""
+    t = cfg.target
+    if not backend.device_kind.startswith("TPU"):
+        if t.chip is not None or t.num_devices is not None:
+            raise ConfigError(
+                f"this config is for a TPU pod (target.chip={t.chip}, target.num_devices="
+                f"{t.num_devices}) and the devices here are {backend.device_kind}: check it "
+                "here with dry_run=true, or clear target.chip and target.num_devices to run it "
+                "on these devices anyway."
+            )
+        return
+    if t.num_devices is not None and backend.device_count != t.num_devices:
+        raise ConfigError(
+            f"target.num_devices={t.num_devices}, but this pod has {backend.device_count} "
+            f"chips ({backend.device_kind}): run the config made for it, or fix the target."
+        )
+    if t.chip is not None and t.chip not in backend.device_kind:
+        log.warning(
+            "target.chip=%s, but the chips here are %s: the plan's HBM verdict was for %s.",
+            t.chip, backend.device_kind, t.chip,
+        )
 
 
 def check_no_previous_run(output_dir: Path, resume: str = "never") -> None:

@@ -21,12 +21,27 @@ from data.packing import PACKINGS
 from models.llama import LlamaConfig
 from torchprime.errors import ConfigError
 from torchprime.mesh import Mesh, MeshAxesConfig
+from torchprime.plan import TPU_HBM_GIB
 from torchprime.sharding import BATCH_SPEC
 from trainers.config import TrainerConfig, WandbConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 #: torch_xla 2.9 trains on up to 64 virtual CPU devices; at 128 its autograd engine asserts.
 MAX_CPU_DEVICES = 64
+
+
+@dataclass
+class TargetConfig:
+    """The hardware a config is written for, so a machine without it can check the config
+    (plan_only, dry_run) and the real run can check it landed on the right pod."""
+
+    chip: Optional[str] = None
+    """TPU generation: v4, v5e, v5p or v6e (sets the HBM per chip); null: not said."""
+    num_devices: Optional[int] = None
+    """Chips of the whole pod, all slices (v5p-128 has 64 chips: one device per chip). Fills a
+    -1 mesh axis in plan_only and dry_run; a TPU run on another count stops at start-up."""
+    hbm_gib: Optional[float] = None
+    """HBM per chip in GiB, overriding the chip's figure (v4 32, v5e 16, v5p 95, v6e 32)."""
 
 
 @dataclass
@@ -50,6 +65,17 @@ class TrainConfig:
     plan_only: bool = False
     """Print the sharding plan (per-parameter specs and shards, per-device bytes) for the mesh
     as configured, computed on the meta device, and exit: no device, no weights, no TPU."""
+    dry_run: bool = False
+    """Check the config for its target pod here, without a TPU: every problem at once, the
+    sharding plan against the chip's HBM, then dry_run_steps real steps of a shrunken model
+    on virtual CPU devices with the same mesh axes, specs, remat, data, checkpoint save and
+    restore and the recompile guard; ends with a one-screen report (dry_run.py)."""
+    dry_run_steps: int = 6
+    """Training steps of the dry run (then one more after restoring its checkpoint)."""
+    dry_run_devices: int = 64
+    """Most virtual CPU devices the dry run uses; larger meshes are folded to fit (same axes)."""
+    target: TargetConfig = field(default_factory=TargetConfig)
+    """The pod the config is for."""
     run_name: str = "run"
     """Names the run (output folder, wandb). configs/default.yaml makes it the start time, so
     every run gets a new folder; name it yourself to find the run again."""
@@ -95,6 +121,18 @@ def check_batch_split(cfg: TrainConfig, mesh: Mesh, process_count: int) -> int:
 
 def validate(cfg: TrainConfig, tokenizer_vocab_size: int) -> None:
     """Checks across keys; raises one ConfigError listing every problem found."""
+    raise_problems(find_problems(cfg, tokenizer_vocab_size))
+
+
+def raise_problems(problems: list[str]) -> None:
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigError(f"{len(problems)} problems:\n  - " + "\n  - ".join(problems))
+
+
+def find_problems(cfg: TrainConfig, tokenizer_vocab_size: int) -> list[str]:
+    """Every problem the keys show between them, without a device or a model."""
     problems: list[str] = []
 
     def check(ok: bool, message: str) -> None:
@@ -173,11 +211,27 @@ def validate(cfg: TrainConfig, tokenizer_vocab_size: int) -> None:
             f"cpu_devices={cfg.cpu_devices}: XLA on the CPU runs 1 to {MAX_CPU_DEVICES} "
             "virtual devices.",
         )
+    target = cfg.target
+    check(
+        target.chip is None or target.chip in TPU_HBM_GIB,
+        f"target.chip={target.chip!r}: known chips are {', '.join(TPU_HBM_GIB)}.",
+    )
+    check(
+        target.num_devices is None or target.num_devices >= 1,
+        f"target.num_devices={target.num_devices}: must be at least 1.",
+    )
+    check(
+        target.hbm_gib is None or target.hbm_gib > 0,
+        f"target.hbm_gib={target.hbm_gib}: must be positive.",
+    )
+    check(cfg.dry_run_steps >= 2, f"dry_run_steps={cfg.dry_run_steps}: must be at least 2.")
+    check(
+        1 <= cfg.dry_run_devices <= MAX_CPU_DEVICES,
+        f"dry_run_devices={cfg.dry_run_devices}: XLA on the CPU runs 1 to {MAX_CPU_DEVICES} "
+        "virtual devices.",
+    )
     try:
         cfg.model.validate()
     except ConfigError as e:
         problems.append(str(e))
-    if problems:
-        if len(problems) == 1:
-            raise ConfigError(problems[0])
-        raise ConfigError(f"{len(problems)} problems:\n  - " + "\n  - ".join(problems))
+    return problems

@@ -61,3 +61,25 @@ def test_a_second_run_into_the_same_output_dir_is_refused_and_changes_nothing(tm
     assert f"output_dir={tmp_path} already holds a run (metrics.jsonl)" in proc.stderr
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
     assert not (tmp_path / "config.yaml").exists()
+
+
+def test_a_pod_config_does_not_start_on_other_devices():
+    """An 8B model on a laptop CPU would grind for hours before running out of memory."""
+    import pytest
+
+    from torchprime.backend import select_backend
+    from torchprime.errors import ConfigError
+    from train import check_target
+    from train_config import TargetConfig, TrainConfig
+
+    cfg = TrainConfig(target=TargetConfig(chip="v5p", num_devices=64))
+    with pytest.raises(ConfigError, match=r"target.chip=v5p.*devices here are CPU.*dry_run=true"):
+        check_target(cfg, select_backend("cpu", cpu_devices=1))
+    check_target(TrainConfig(), select_backend("cpu", cpu_devices=1))  # no target: runs anywhere
+
+
+def test_target_keys_are_checked(tmp_path):
+    proc = run_train("target.chip=v7", "dry_run_devices=128", f"output_dir={tmp_path}")
+    assert proc.returncode == 2
+    assert "target.chip='v7': known chips are v4, v5e, v5p, v6e." in proc.stderr
+    assert "dry_run_devices=128: XLA on the CPU runs 1 to 64 virtual devices." in proc.stderr

@@ -43,3 +43,21 @@ def test_bad_sizes_name_the_key():
 def test_without_a_device_count_the_mesh_is_only_described():
     mesh = resolve_mesh(MeshAxesConfig(fsdp=256), MeshAxesConfig(), None)
     assert mesh.num_devices == 256
+
+
+def test_fold_mesh_keeps_every_axis_and_fits():
+    from torchprime.mesh import Mesh, fold_mesh
+
+    def mesh(**axes):
+        return resolve_mesh(MeshAxesConfig(**axes), MeshAxesConfig(), None)
+
+    assert fold_mesh(mesh(fsdp=256), 64).shape["fsdp"] == 64
+    folded = fold_mesh(mesh(fsdp=64, tensor=4), 64)
+    assert (folded.shape["fsdp"], folded.shape["tensor"], folded.num_devices) == (16, 4, 64)
+    folded = fold_mesh(mesh(fsdp=16, tensor=4), 8)
+    assert (folded.shape["fsdp"], folded.shape["tensor"]) == (2, 4)  # ties: fsdp shrinks first
+    assert fold_mesh(mesh(fsdp=4), 64) == mesh(fsdp=4)  # small meshes run as they are
+    slices = Mesh((1, 32, 1, 1, 1), (2, 1, 1, 1, 1))  # 2 slices of fsdp=32, data across slices
+    folded = fold_mesh(slices, 8)
+    assert folded.num_slices == 1 and folded.shape["data"] == 2 and folded.shape["fsdp"] == 4
+    assert fold_mesh(mesh(fsdp=3, tensor=3), 4).num_devices == 3  # odd sizes: nearest fit

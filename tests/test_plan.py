@@ -8,7 +8,7 @@ import torch
 from models import build_model
 from test_model_presets import composed
 from torchprime.mesh import MeshAxesConfig, resolve_mesh
-from torchprime.plan import format_plan, make_plan
+from torchprime.plan import TPU_HBM_GIB, fit_verdict, format_plan, make_plan
 from torchprime.sharding import plan_parameter_specs
 
 
@@ -44,11 +44,22 @@ def test_plan_only_prints_the_plan_of_a_pod_config_without_running(tmp_path):
 
     proc = run_train(
         "plan_only=true", "model=llama3_8b", "dtype=bfloat16", "ici_mesh.fsdp=256",
-        "data.block_size=2048", f"output_dir={tmp_path / 'run'}",
+        "data.block_size=2048", "target.chip=v5e", f"output_dir={tmp_path / 'run'}",
         python_flags=("-X", "importtime"),  # lists every imported module on stderr
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "sharding plan on mesh fsdp=256 (256 devices), 8.030B parameters" in proc.stdout
     assert "parameters          59.83 MiB" in proc.stdout
+    assert "fits: 239.32 MiB of 16.00 GiB on a TPU v5e chip (1%)" in proc.stdout
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
     assert "torch_xla" not in proc.stderr  # no device was touched
+
+
+def test_the_verdict_says_when_weights_and_optimizer_state_alone_do_not_fit():
+    plan = plan_for("llama3_1_405b", "fsdp", torch.bfloat16, torch.float32, fsdp=64)
+    # 405.85e9 x (2 weights + 2 gradients + 8 moments) bytes / 64 chips = 71 GiB a chip
+    assert plan.total_bytes == pytest.approx(405.85e9 * 12 / 64, rel=0.001)
+    v5e = fit_verdict(plan, TPU_HBM_GIB["v5e"] * 2**30, "a TPU v5e chip")
+    assert not v5e.fits and v5e.text.startswith("DOES NOT FIT: parameters + gradients")
+    v5p = fit_verdict(plan, TPU_HBM_GIB["v5p"] * 2**30, "a TPU v5p chip")
+    assert v5p.fits and "(75%)" in v5p.text

@@ -126,3 +126,26 @@ def resolve_mesh(ici: MeshAxesConfig, dcn: MeshAxesConfig, num_devices: int | No
 
 def _show(sizes: tuple[int, ...]) -> str:
     return "{" + ", ".join(f"{a}: {n}" for a, n in zip(AXES, sizes) if n != 1) + "}"
+
+
+def fold_mesh(mesh: Mesh, max_devices: int) -> Mesh:
+    """A one-slice mesh of at most `max_devices` devices with the same axes as `mesh`.
+
+    Slices are merged into their axes, then the largest axis is halved (or divided by its
+    smallest prime factor) until the mesh fits; an axis split over several devices keeps at
+    least 2, so every kind of parallelism the real mesh uses is still exercised.
+    """
+    sizes = dict(mesh.shape)
+    while math.prod(sizes.values()) > max_devices:
+        splittable = {a: n for a, n in sizes.items() if n > 2} or {
+            a: n for a, n in sizes.items() if n > 1
+        }
+        if not splittable:
+            break
+        axis = max(splittable, key=lambda a: (splittable[a], -AXES.index(a)))
+        sizes[axis] //= _smallest_factor(sizes[axis])
+    return Mesh(tuple(sizes[a] for a in AXES), (1,) * len(AXES))
+
+
+def _smallest_factor(n: int) -> int:
+    return next(f for f in range(2, n + 1) if n % f == 0)

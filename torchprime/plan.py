@@ -18,6 +18,12 @@ from torchprime.mesh import Mesh, PartitionSpec
 #: Optimizer state tensors of AdamW per parameter, each the parameter's shape.
 ADAM_MOMENTS = 2
 
+#: High-bandwidth memory per chip (GiB), from Cloud TPU's published system specs.
+TPU_HBM_GIB = {"v4": 32.0, "v5e": 16.0, "v5p": 95.0, "v6e": 32.0}
+
+#: Chips per TPU VM host on multi-host slices (v4, v5e, v5p and v6e pods alike).
+TPU_CHIPS_PER_HOST = 4
+
 
 @dataclass(frozen=True)
 class ParameterPlan:
@@ -84,6 +90,32 @@ def make_plan(
         for p in plans
     )
     return ShardingPlan(mesh, plans, parameter_bytes, parameter_bytes, state_bytes)
+
+
+@dataclass(frozen=True)
+class FitVerdict:
+    fits: bool
+    text: str
+
+
+def fit_verdict(plan: ShardingPlan, hbm_bytes: float, where: str) -> FitVerdict:
+    """Whether parameters, gradients and optimizer state alone fit in one chip's memory,
+    and what share is left for activations and the compiler's buffers."""
+    used = plan.total_bytes
+    share = used / hbm_bytes
+    if used > hbm_bytes:
+        return FitVerdict(
+            False,
+            f"DOES NOT FIT: parameters + gradients + optimizer state need {format_bytes(used)} "
+            f"per device, more than the {format_bytes(hbm_bytes)} of {where} "
+            f"({share:.0%}). Shard wider (more fsdp or tensor), use bfloat16 parameters or "
+            "trainer.optimizer.state_dtype=bfloat16, or a larger chip.",
+        )
+    return FitVerdict(
+        True,
+        f"fits: {format_bytes(used)} of {format_bytes(hbm_bytes)} on {where} ({share:.0%}), "
+        f"{format_bytes(hbm_bytes - used)} left for activations and compiler buffers.",
+    )
 
 
 def format_bytes(n: float) -> str:

@@ -1,0 +1,328 @@
+"""Dry run: `python train.py +config=POD_PRESET dry_run=true` on a machine without the pod.
+
+1. Every problem the config shows for its target, at once: the keys, the mesh against
+   target.num_devices, the batch over the target's hosts and data-parallel devices, the
+   attention kernel on the target chip, every sharding, remat and lr pattern on the real model
+   (built on the meta device), a pretrained checkpoint's architecture, the data sources.
+2. The sharding plan of the real model on the real mesh, judged against the chip's HBM.
+3. Real steps on XLA with virtual CPU devices, on a shrunken model (2 layers, a small width,
+   the head / kv-head ratio kept, every dimension divisible by the mesh) and the mesh folded
+   to at most dry_run_devices with the same axes; the same specs, remat and scan, data
+   pipeline and grad accumulation; a checkpoint saved mid-run and at the end, which a second
+   run restores and continues; the recompile guard set to fail.
+4. A one-screen report. Exit status 0 when nothing stands in the way, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from omegaconf import OmegaConf
+
+from data.pipeline import TextBatches
+from data.tokenizers import Tokenizer, build_tokenizer
+from models import build_model
+from optimizers.groups import param_groups
+from torchprime.attention import TPU_KERNELS, check_attention_kernel
+from torchprime.errors import ConfigError
+from torchprime.mesh import AXES, Mesh, MeshAxesConfig, fold_mesh, resolve_mesh
+from torchprime.plan import TPU_CHIPS_PER_HOST, FitVerdict, ShardingPlan, fit_verdict, format_plan
+from torchprime.sharding import BATCH_SPEC, plan_activation_specs, plan_parameter_specs
+from torchprime.rewriting import check_remat
+from train_config import DTYPES, TargetConfig, TrainConfig, check_batch_split, find_problems
+from trainers.base_trainer import TrainingError, TrainSummary
+
+log = logging.getLogger("dry_run")
+
+#: Width of the shrunken model before rounding up to the mesh: small enough for many virtual
+#: devices on a laptop, large enough that every sharded dimension is still split.
+SMALL_HIDDEN, SMALL_INTERMEDIATE, SMALL_HEAD_DIM, SMALL_LAYERS, SMALL_BLOCK = 128, 256, 16, 2, 128
+#: Marks a folder as the dry run's own, so a later dry run may replace it.
+CONFIG_NAME = "dry_run_config.yaml"
+
+
+@dataclass
+class DryRunReport:
+    target: str
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    plan: Optional[ShardingPlan] = None
+    verdict: Optional[FitVerdict] = None
+    ran: Optional[str] = None
+    """The shrunken model and folded mesh the steps ran with."""
+    first: Optional[TrainSummary] = None
+    resumed: Optional[TrainSummary] = None
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and (self.verdict is None or self.verdict.fits)
+
+
+def dry_run(cfg: TrainConfig) -> int:
+    """Run the dry run of `cfg`, print the plan and the report; the process exit status."""
+    start = time.perf_counter()
+    report = DryRunReport(target=describe_target(cfg))
+    tokenizer = _attempt(report, build_tokenizer, cfg.data.tokenizer)
+    report.problems += find_problems(cfg, tokenizer.vocab_size if tokenizer else 0)
+    mesh = check_for_target(cfg, tokenizer, report)
+    if report.plan is not None:
+        print(format_plan(report.plan, max_rows=12))
+    if mesh is not None and tokenizer is not None and not report.problems:
+        run_shrunken(cfg, mesh, tokenizer, report)
+    report.seconds = time.perf_counter() - start
+    print(format_report(report))
+    return 0 if report.ok else 1
+
+
+def describe_target(cfg: TrainConfig) -> str:
+    t = cfg.target
+    chip = f"TPU {t.chip}" if t.chip else "TPU (target.chip not set)"
+    count = t.num_devices or "?"
+    return f"{cfg.run_name}, for {chip} x {count} devices"
+
+
+def _attempt(report: DryRunReport, fn: Callable, *args: Any) -> Any:
+    """`fn(*args)`, or None with its ConfigError added to the report's problems."""
+    try:
+        return fn(*args)
+    except ConfigError as e:
+        report.problems.append(str(e))
+        return None
+
+
+def check_for_target(
+    cfg: TrainConfig, tokenizer: Optional[Tokenizer], report: DryRunReport
+) -> Optional[Mesh]:
+    """The checks a run makes on its devices, made for the target; the real mesh."""
+    t = cfg.target
+    sizes = [*vars(cfg.ici_mesh).values(), *vars(cfg.dcn_mesh).values()]
+    if -1 in sizes and t.num_devices is None:
+        report.problems.append(
+            "ici_mesh has a -1 axis, which fills the pod's devices: set target.num_devices "
+            "so the dry run knows how many there are."
+        )
+        return None
+    mesh = _attempt(report, resolve_mesh, cfg.ici_mesh, cfg.dcn_mesh, t.num_devices)
+    kind = f"TPU {t.chip}" if t.chip else "TPU"
+    _attempt(
+        report,
+        check_attention_kernel,
+        cfg.model.attention_kernel,
+        cfg.model.attention_block_sizes,
+        kind,
+        cfg.model.is_causal,
+        cfg.data.block_size,
+        cfg.data.packing == "document",
+    )
+    if mesh is None:
+        return None
+    hosts = max(1, mesh.num_devices // TPU_CHIPS_PER_HOST)
+    _attempt(report, check_batch_split, cfg, mesh, hosts)
+    try:
+        cfg.model.validate()  # its problems are in the report already
+    except ConfigError:
+        return mesh
+    if cfg.dtype not in DTYPES:
+        return mesh
+    model = build_model(cfg.model, DTYPES[cfg.dtype])
+    specs = _attempt(report, plan_parameter_specs, model, cfg.model.sharding, mesh)
+    _attempt(report, plan_activation_specs, model, cfg.model.sharding)
+    _attempt(report, check_remat, model, cfg.model.remat)
+    opt = cfg.trainer.optimizer
+    _attempt(report, param_groups, model, opt.weight_decay, dict(opt.lr_multipliers))
+    if cfg.model.pretrained_path:
+        from models.hf import check_matches
+
+        _attempt(report, check_matches, cfg.model, cfg.model.pretrained_path)
+    if tokenizer is not None:
+        _attempt(report, _first_batch, cfg, tokenizer)
+    if specs is not None:
+        from train import plan_for, target_hbm
+
+        report.plan = plan_for(cfg, model, specs, mesh)
+        if (hbm := target_hbm(cfg)) is not None:
+            report.verdict = fit_verdict(report.plan, *hbm)
+        else:
+            report.notes.append("no target.chip or target.hbm_gib: the plan is not judged")
+    return mesh
+
+
+def _first_batch(cfg: TrainConfig, tokenizer: Tokenizer) -> None:
+    """The data sources open and give a batch (one row of one host)."""
+    next(iter(TextBatches(cfg.data, tokenizer, 1, 0, 1, cfg.seed)))
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return math.ceil(n / multiple) * multiple
+
+
+def shrunken(
+    cfg: TrainConfig, mesh: Mesh, tokenizer: Tokenizer, out: Path
+) -> tuple[TrainConfig, list[str]]:
+    """The config the dry run trains: the same in kind as `cfg`, small enough for a CPU."""
+    notes: list[str] = []
+    folded = fold_mesh(mesh, cfg.dry_run_devices)
+    if folded != mesh:
+        notes.append(
+            f"mesh {mesh.describe()} folded to {folded.describe()} ({folded.num_devices} "
+            "virtual devices): torch_xla trains on at most 64 on a CPU"
+        )
+    devices = folded.num_devices  # every sharded dimension a multiple of it splits evenly
+    m = cfg.model
+    ratio = m.num_attention_heads // m.num_key_value_heads
+    kv_heads = folded.shape["tensor"]
+    while kv_heads * SMALL_HEAD_DIM % devices:
+        kv_heads += folded.shape["tensor"]
+    model = dataclasses.replace(
+        m,
+        num_hidden_layers=min(SMALL_LAYERS, m.num_hidden_layers),
+        hidden_size=_round_up(SMALL_HIDDEN, devices),
+        intermediate_size=_round_up(SMALL_INTERMEDIATE, devices),
+        num_attention_heads=kv_heads * ratio,
+        num_key_value_heads=kv_heads,
+        head_dim=SMALL_HEAD_DIM,
+        vocab_size=_round_up(tokenizer.vocab_size, devices),
+        pretrained_path=None,
+    )
+    if m.pretrained_path:
+        notes.append("model.pretrained_path: architecture checked; the steps start from random weights")
+    if m.attention_kernel in TPU_KERNELS:
+        model = dataclasses.replace(model, attention_kernel="eager", attention_block_sizes={})
+        notes.append(f"attention_kernel={m.attention_kernel} checked for the target; eager on CPU")
+    if m.remat.offload_tensors:
+        model.remat = dataclasses.replace(m.remat, offload_strict=False)
+        notes.append("remat.offload_tensors: TPU only, so kept on the device here")
+    steps = cfg.dry_run_steps
+    t = cfg.trainer
+    data_ways = folded.size(BATCH_SPEC[0])
+    trainer = dataclasses.replace(
+        t,
+        max_steps=steps,
+        global_batch_size=data_ways * t.grad_accum_steps,
+        logging_steps=1,
+        progress_bar=False,
+        resume="never",
+        stop_at_step=None,
+        fail_on_recompile=True,
+        peak_flops_per_device=None,
+        lr_scheduler=dataclasses.replace(
+            t.lr_scheduler, warmup_steps=1, decay_steps=None, decay_fraction=None
+        ),
+        checkpoint=dataclasses.replace(t.checkpoint, interval=steps // 2, keep=None),
+    )
+    block = _round_up(min(cfg.data.block_size, SMALL_BLOCK), folded.shape["context"])
+    small = dataclasses.replace(
+        cfg,
+        backend="xla",
+        cpu_devices=devices,
+        ici_mesh=MeshAxesConfig(**dict(zip(AXES, folded.ici))),
+        dcn_mesh=MeshAxesConfig(),
+        dry_run=False,
+        target=TargetConfig(),
+        output_dir=str(out),
+        model=model,
+        data=dataclasses.replace(cfg.data, block_size=block),
+        trainer=trainer,
+        wandb=dataclasses.replace(cfg.wandb, enabled=False),
+    )
+    if cfg.wandb.enabled:
+        notes.append("wandb: settings checked, nothing logged")
+    return small, notes
+
+
+def dry_run_dir(cfg: TrainConfig) -> Path:
+    """output_dir/dry_run, or outputs/dry_run/RUN_NAME when output_dir is not local."""
+    if "://" in cfg.output_dir:
+        return Path("outputs") / "dry_run" / cfg.run_name
+    return Path(cfg.output_dir) / "dry_run"
+
+
+def run_shrunken(cfg: TrainConfig, mesh: Mesh, tokenizer: Tokenizer, report: DryRunReport) -> None:
+    from torchprime.backend import select_backend
+    from train import train
+
+    out = dry_run_dir(cfg)
+    if out.exists():
+        if not (out / CONFIG_NAME).exists():
+            report.problems.append(f"{out} exists and is not a dry run's folder; move it away.")
+            return
+        shutil.rmtree(out)  # the previous dry run's
+    small, notes = shrunken(cfg, mesh, tokenizer, out)
+    report.notes += notes
+    m = small.model
+    report.ran = (
+        f"{m.num_hidden_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads / "
+        f"{m.num_key_value_heads} kv, vocab {m.vocab_size}, {small.data.block_size} tokens x "
+        f"{small.trainer.global_batch_size} rows; mesh {fold_mesh(mesh, cfg.dry_run_devices).describe()}"
+    )
+    out.mkdir(parents=True)
+    (out / CONFIG_NAME).write_text(OmegaConf.to_yaml(OmegaConf.structured(small)))
+    try:
+        backend = select_backend("xla", cpu_devices=small.cpu_devices)
+        if backend.device_count != small.cpu_devices:
+            report.problems.append(
+                f"the XLA runtime here has {backend.device_count} devices, the dry run needs "
+                f"{small.cpu_devices}: run it in a fresh process."
+            )
+            return
+        report.first = train(small, backend, tokenizer, out, {})
+        more = dataclasses.replace(
+            small,
+            trainer=dataclasses.replace(small.trainer, max_steps=small.trainer.max_steps + 1, resume="auto"),
+        )
+        report.resumed = train(more, backend, tokenizer, out, {})
+    except (ConfigError, TrainingError) as e:
+        report.problems.append(f"shrunken run: {e}")
+        return
+    except Exception as e:  # what the TPU would have hit too: say it, with the trace above
+        log.exception("the shrunken run failed")
+        report.problems.append(f"shrunken run failed: {type(e).__name__}: {e}")
+        return
+    if report.resumed.resumed_from != report.first.checkpoint:
+        report.problems.append(
+            f"restore: the second run started from {report.resumed.resumed_from}, not from the "
+            f"checkpoint saved at the end, {report.first.checkpoint}"
+        )
+
+
+def format_report(r: DryRunReport) -> str:
+    lines = ["", f"dry run: {r.target}"]
+    if r.plan is not None:
+        p = r.plan
+        lines.append(
+            f"  plan        {p.total_parameters / 1e9:.2f}B parameters on mesh {p.mesh.describe()}"
+            f" ({p.mesh.num_devices} devices)"
+        )
+    if r.verdict is not None:
+        lines.append(f"  memory      {r.verdict.text}")
+    if r.ran:
+        lines.append(f"  shrunken    {r.ran}")
+    if r.first is not None and r.resumed is not None:
+        f, s = r.first, r.resumed
+        lines += [
+            f"  steps       {f.steps} steps, loss {f.first_loss:.4f} -> {f.last_loss:.4f}; "
+            f"restored {s.resumed_from.name} and ran step {s.steps}",
+            f"  compiles    {f.compiles} in the first run, {s.compiles - f.compiles} more after "
+            "the restore; none after warm-up (the guard was set to fail)",
+            f"  checkpoints {f.checkpoint.parent}",
+        ]
+    for note in r.notes:
+        lines.append(f"  note        {note}")
+    if r.problems:
+        lines.append(f"  PROBLEMS    {len(r.problems)}")
+        lines += [f"    - {p}" for p in r.problems]
+    lines.append(f"  time        {r.seconds:.1f} s")
+    if r.ok:
+        lines.append("verdict: no problem found; run it on the pod")
+    else:
+        lines.append("verdict: fix the problems above before paying for the pod")
+    return "\n".join(lines)

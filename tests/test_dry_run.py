@@ -1,0 +1,66 @@
+"""`dry_run=true`: a pod preset checked on this machine, as a user would before paying for the pod."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import read_jsonl, requires_xla, run_train
+
+# (preset, virtual devices for its steps, parameters, plan mesh, the mesh the steps ran on)
+PRESETS = [
+    ("llama3_8b_v5p_128", 64, "8.03B", "fsdp=64 (64 devices)", "mesh fsdp=64"),
+    ("llama3_8b_v6e_256", 8, "8.03B", "fsdp=256 (256 devices)", "mesh fsdp=8"),
+    ("llama3_1_70b_v6e_256", 8, "70.55B", "fsdp=64 x tensor=4 (256 devices)", "mesh fsdp=2 x tensor=4"),
+]
+
+
+@requires_xla
+@pytest.mark.parametrize("preset, devices, params, plan_mesh, run_mesh", PRESETS)
+def test_pod_presets_pass_their_dry_run(tmp_path, preset, devices, params, plan_mesh, run_mesh):
+    proc = run_train(
+        f"+config={preset}", "dry_run=true", f"dry_run_devices={devices}", f"output_dir={tmp_path}"
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = proc.stdout[proc.stdout.index("dry run: "):]
+    assert f"plan        {params} parameters on mesh {plan_mesh}" in report
+    assert "memory      fits:" in report
+    assert run_mesh in report
+    assert "restored step_00000006 and ran step 7" in report
+    assert report.rstrip().endswith("verdict: no problem found; run it on the pod")
+    if devices < 64:
+        assert f"folded to {run_mesh.removeprefix('mesh ')} ({devices} virtual devices)" in report
+    # the steps, the checkpoints and the restore happened, in the dry run's own folder
+    out = tmp_path / "dry_run"
+    saved = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert saved == ["step_00000003", "step_00000006", "step_00000007"]
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 8))
+    # no compilation after warm-up (2 steps), a save included; the resumed run compiles its own
+    assert len({r["compiles"] for r in records if 2 <= r["step"] <= 6}) == 1
+    assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "checkpoints").exists()
+
+
+@requires_xla
+def test_a_broken_pod_config_gets_every_problem_at_once_and_no_steps(tmp_path):
+    proc = run_train(
+        "+config=llama3_8b_v5p_128", "dry_run=true", f"output_dir={tmp_path}",
+        "model=llama3_1_405b", "dtype=float32", "target.chip=v5e",  # 71 GiB a chip of 16
+        "trainer.global_batch_size=100",  # not a multiple of fsdp=64
+        "model.attention_kernel=splash", "data.packing=document",  # splash takes no bias
+        "model.remat.activation_checkpoint_layers=[LlamaDecoderLayr]",
+        "+trainer.optimizer.lr_multipliers={lm_haed.weight: 0.5}",
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    report = proc.stdout[proc.stdout.index("dry run: "):]
+    assert "plan        405.85B parameters on mesh fsdp=64" in report
+    assert "memory      DOES NOT FIT" in report
+    assert "PROBLEMS    4" in report
+    for expected in (
+        "trainer.global_batch_size=100",
+        "attention_kernel=splash takes no elementwise attention bias",
+        "'LlamaDecoderLayr'",
+        "lm_haed.weight",
+    ):
+        assert expected in report, expected
+    assert report.rstrip().endswith("verdict: fix the problems above before paying for the pod")
+    assert not (tmp_path / "dry_run").exists()  # nothing ran
