@@ -39,6 +39,7 @@ from torchprime.sharding import BATCH_SPEC, plan_activation_specs, plan_paramete
 from torchprime.rewriting import check_remat
 from train_config import DTYPES, TargetConfig, TrainConfig, check_batch_split, find_problems
 from trainers.base_trainer import TrainingError, TrainSummary
+from trainers.profiling import hlo_dir
 
 log = logging.getLogger("dry_run")
 
@@ -267,7 +268,8 @@ def run_shrunken(cfg: TrainConfig, mesh: Mesh, tokenizer: Tokenizer, report: Dry
     out.mkdir(parents=True)
     (out / CONFIG_NAME).write_text(OmegaConf.to_yaml(OmegaConf.structured(small)))
     try:
-        backend = select_backend("xla", cpu_devices=small.cpu_devices)
+        dump = hlo_dir(out) / "xla" if small.debug.dump_hlo else None
+        backend = select_backend("xla", cpu_devices=small.cpu_devices, hlo_dump_dir=dump)
         if backend.device_count != small.cpu_devices:
             report.problems.append(
                 f"the XLA runtime here has {backend.device_count} devices, the dry run needs "

@@ -44,6 +44,7 @@ from train_config import (
 )
 from trainers import get_trainer_class
 from trainers.base_trainer import TrainingError, TrainSummary
+from trainers.profiling import GraphDumper, StepProfiler, hlo_dir, prune_compiler_dumps
 
 log = logging.getLogger("train")
 register_schema()
@@ -79,7 +80,11 @@ def run(raw: DictConfig) -> TrainSummary:
     check_no_previous_run(output_dir, cfg.trainer.resume)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(raw, resolve=True))
-    backend = select_backend(cfg.backend, cpu_devices=cfg.cpu_devices or mesh_size(cfg) or 1)
+    backend = select_backend(
+        cfg.backend,
+        cpu_devices=cfg.cpu_devices or mesh_size(cfg) or 1,
+        hlo_dump_dir=hlo_dir(output_dir) / "xla" if cfg.debug.dump_hlo else None,
+    )
     check_target(cfg, backend)
     return train(cfg, backend, tokenizer, output_dir, OmegaConf.to_container(raw, resolve=True))
 
@@ -155,12 +160,24 @@ def train(
         tokens_per_step=cfg.trainer.global_batch_size * cfg.data.block_size,
         seq_len=cfg.data.block_size,
     )
+    trainer.profiler = StepProfiler(cfg.profile, backend, output_dir)
+    # The steps that compile: the first (no optimizer state yet) and the one after.
+    trainer.graph_dumper = GraphDumper(cfg.debug, backend, output_dir, trainer.start_step + 2)
     trainer.restore()
+    trainer.graph_dumper.last_step = trainer.start_step + 2
     if cfg.wandb.enabled and backend.process_index == 0:
         from trainers.wandb_logger import WandbLogger
 
         trainer.loggers.append(WandbLogger(cfg.wandb, cfg.run_name, output_dir, resolved))
-    return trainer.train()
+    try:
+        return trainer.train()
+    finally:
+        # The runtime's compile, transfer and execution counters: the first thing to read when
+        # a run is slower than expected.
+        if (report := backend.metrics_report()) is not None:
+            (output_dir / f"xla_metrics_{backend.process_index:05d}.txt").write_text(report)
+        if cfg.debug.dump_hlo and not backend.device_kind.startswith("TPU"):
+            prune_compiler_dumps(hlo_dir(output_dir) / "xla")
 
 
 def sharding_plan(cfg: TrainConfig) -> str:

@@ -23,7 +23,7 @@ from torchprime.errors import ConfigError
 from torchprime.mesh import Mesh, MeshAxesConfig
 from torchprime.plan import TPU_HBM_GIB
 from torchprime.sharding import BATCH_SPEC
-from trainers.config import TrainerConfig, WandbConfig
+from trainers.config import DebugConfig, ProfileConfig, TrainerConfig, WandbConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 #: torch_xla 2.9 trains on up to 64 virtual CPU devices; at 128 its autograd engine asserts.
@@ -86,6 +86,9 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     """Weights & Biases logging (off by default)."""
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    """A profiler trace of a few steps (off by default)."""
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
 
 def register_schema() -> None:
@@ -224,6 +227,12 @@ def find_problems(cfg: TrainConfig, tokenizer_vocab_size: int) -> list[str]:
         target.hbm_gib is None or target.hbm_gib > 0,
         f"target.hbm_gib={target.hbm_gib}: must be positive.",
     )
+    p = cfg.profile
+    check(
+        p.start_step is None or 1 <= p.start_step <= t.max_steps,
+        f"profile.start_step={p.start_step}: must be a step of the run, 1 to {t.max_steps}.",
+    )
+    check(p.num_steps >= 1, f"profile.num_steps={p.num_steps}: must be at least 1.")
     check(cfg.dry_run_steps >= 2, f"dry_run_steps={cfg.dry_run_steps}: must be at least 2.")
     check(
         1 <= cfg.dry_run_devices <= MAX_CPU_DEVICES,

@@ -42,9 +42,10 @@ from trainers.checkpoint import (
     save_checkpoint,
     step_dirs,
 )
-from trainers.config import TrainerConfig
+from trainers.config import DebugConfig, ProfileConfig, TrainerConfig
 from trainers.data_position import TrackedBatches
 from trainers.metrics import MetricsFile, model_flops_per_token, peak_flops, truncate_metrics
+from trainers.profiling import GraphDumper, StepProfiler
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +171,9 @@ class BaseTrainer:
         self._window_start = (0, 0.0)  # (step, time) of the previous logged step
         self._steady_start: Optional[tuple[int, float]] = None
         self._bar: Optional[tqdm] = None
+        # Off unless train.py configures them (the run's profile and debug blocks).
+        self.profiler = StepProfiler(ProfileConfig(), backend, output_dir)
+        self.graph_dumper = GraphDumper(DebugConfig(), backend, output_dir, 0)
         if cfg.compile and backend.is_xla:
             log.warning("trainer.compile=true is ignored on XLA, which compiles the whole step")
         elif cfg.compile:
@@ -414,6 +418,7 @@ class BaseTrainer:
                 for step in range(self.start_step + 1, self.cfg.max_steps + 1):
                     micro_batches = [next(batches) for _ in range(self.cfg.grad_accum_steps)]
                     self.data.mark_consumed(len(micro_batches))
+                    self.profiler.step_begins(step)
                     metrics = self.train_step(micro_batches)
                     if step == sigterm_at:
                         os.kill(os.getpid(), signal.SIGTERM)
@@ -424,8 +429,11 @@ class BaseTrainer:
                             stopped = f"trainer.stop_at_step={step}"
                     if self.should_log(step) or stopped:
                         self.backend.add_step_closure(self._log_step, (step, metrics))
-                    guard.before_sync(step, [metrics["loss"], *self.model.parameters()])
+                    step_outputs = [metrics["loss"], *self.model.parameters()]
+                    guard.before_sync(step, step_outputs)
+                    self.graph_dumper.before_sync(step, step_outputs)
                     self.backend.sync()
+                    self.profiler.step_done(step)
                     self._bar.update(1)
                     if self._abort:
                         raise TrainingError(self._abort)
@@ -443,6 +451,7 @@ class BaseTrainer:
                 self.backend.wait_device_ops()
             failed = False
         finally:
+            self.profiler.stop()
             self._bar.close()
             self.metrics.close()
             for logger in self.loggers:

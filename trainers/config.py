@@ -122,3 +122,29 @@ class WandbConfig:
     tags: List[str] = field(default_factory=list)
     dir: Optional[str] = None
     """Where wandb writes its files (a wandb/ folder inside); null: output_dir."""
+
+
+@dataclass
+class ProfileConfig:
+    """A trace of a few training steps: torch_xla's profiler on XLA (open the folder in
+    TensorBoard's profile plugin or XProf), the PyTorch profiler elsewhere (a Chrome trace,
+    chrome://tracing or Perfetto)."""
+
+    start_step: Optional[int] = None
+    """First traced step; null: no trace. Past warm-up (3 or later), the trace shows steady
+    steps rather than compilation."""
+    num_steps: int = 3
+    """Steps in the trace."""
+    dir: Optional[str] = None
+    """Where the trace goes; null: output_dir/profile."""
+
+
+@dataclass
+class DebugConfig:
+    """What a run writes to debug the compiled program."""
+
+    dump_hlo: bool = False
+    """XLA: write the training step's graph as traced, with its sharding annotations, for the
+    steps that compile (output_dir/hlo/step_NNNNNNNN.hlo.txt), and have XLA dump every module it
+    compiles before and after optimization: the *after_optimizations* files are the per-device
+    program after SPMD partitioning (output_dir/hlo/xla/)."""

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import glob
 import importlib.util
+import logging
 import os
 import sys
+from pathlib import Path
+from typing import Optional
 
 from torchprime.backend.base import Backend
 from torchprime.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "xla", "cpu", "cuda")
 _GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips show up as PCI devices of this vendor
@@ -62,9 +67,13 @@ def resolve_backend_name(requested: str) -> str:
     return requested
 
 
-def select_backend(requested: str, cpu_devices: int) -> Backend:
+def select_backend(
+    requested: str, cpu_devices: int, hlo_dump_dir: Optional[Path] = None
+) -> Backend:
     """Create the backend. `cpu_devices` is how many virtual devices XLA gets when it runs on
-    the CPU (ignored on TPU, where the chips are counted, and on eager backends)."""
+    the CPU (ignored on TPU, where the chips are counted, and on eager backends).
+    `hlo_dump_dir`: XLA dumps every module it compiles there, as text, before and after
+    optimization (after: the per-device program, SPMD-partitioned)."""
     name = resolve_backend_name(requested)
     if name != "xla":
         from torchprime.backend.eager import EagerBackend
@@ -76,6 +85,11 @@ def select_backend(requested: str, cpu_devices: int) -> Backend:
         if os.environ["PJRT_DEVICE"] == "CPU":
             os.environ.setdefault("CPU_NUM_DEVICES", str(cpu_devices))
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # XLA's C++ info and warning chatter
+        if hlo_dump_dir is not None:
+            flags = f"--xla_dump_to={hlo_dump_dir} --xla_dump_hlo_as_text"
+            os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
+    elif hlo_dump_dir is not None:
+        log.warning("debug.dump_hlo: the XLA runtime is already running; its own dumps are off")
     from torchprime.backend.xla import XlaBackend
 
     return XlaBackend()

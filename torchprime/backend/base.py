@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
 import torch
 
@@ -116,6 +117,23 @@ class Backend(abc.ABC):
         import torch.utils.checkpoint
 
         return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+
+    def start_trace(self, directory: Path) -> None:
+        """Start a profiler trace (written to `directory` by stop_trace)."""
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self._profiler = torch.profiler.profile(activities=activities, record_shapes=True)
+        self._profiler.start()
+
+    def stop_trace(self, directory: Path) -> None:
+        self._profiler.stop()
+        self._profiler.export_chrome_trace(str(directory / "trace.json"))
+        self._profiler = None
+
+    def metrics_report(self) -> Optional[str]:
+        """The runtime's counters and timings as text (XLA's metrics report); None elsewhere."""
+        return None
 
     supports_host_offload = False
     """Whether activations can live in host memory between forward and backward (TPU)."""

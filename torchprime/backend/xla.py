@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -157,6 +158,19 @@ class XlaBackend(Backend):
         from torch_xla.utils.checkpoint import checkpoint
 
         return checkpoint(fn, *args)
+
+    def start_trace(self, directory: Path) -> None:
+        import torch_xla.debug.profiler as xp
+
+        xp.start_trace(str(directory))
+
+    def stop_trace(self, directory: Path) -> None:
+        import torch_xla.debug.profiler as xp
+
+        xp.stop_trace()
+
+    def metrics_report(self) -> Optional[str]:
+        return met.metrics_report()
 
     @property
     def supports_host_offload(self) -> bool:

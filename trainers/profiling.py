@@ -1,0 +1,77 @@
+"""Traces of chosen training steps and dumps of the step's graph (the `profile` and `debug`
+config blocks)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from torchprime.backend.base import Backend
+from trainers.config import DebugConfig, ProfileConfig
+
+log = logging.getLogger(__name__)
+
+
+class StepProfiler:
+    """Starts a trace before step `start_step` and stops it after `num_steps` steps (or when
+    the run ends first)."""
+
+    def __init__(self, cfg: ProfileConfig, backend: Backend, output_dir: Path):
+        self.cfg = cfg
+        self.backend = backend
+        self.dir = Path(cfg.dir) if cfg.dir else output_dir / "profile"
+        self.active = False
+
+    def step_begins(self, step: int) -> None:
+        if self.cfg.start_step is not None and step == self.cfg.start_step and not self.active:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self.backend.start_trace(self.dir)
+            self.active = True
+            log.info("profile: tracing steps %d to %d", step, step + self.cfg.num_steps - 1)
+
+    def step_done(self, step: int) -> None:
+        if self.active and step >= self.cfg.start_step + self.cfg.num_steps - 1:
+            self.stop()
+
+    def stop(self) -> None:
+        if self.active:
+            self.backend.wait_device_ops()  # the traced steps' device work belongs in the trace
+            self.backend.stop_trace(self.dir)
+            self.active = False
+            log.info("profile: trace written to %s", self.dir)
+
+
+class GraphDumper:
+    """Writes the step's traced graph for the steps that compile (the first few)."""
+
+    def __init__(self, cfg: DebugConfig, backend: Backend, output_dir: Path, steps: int):
+        self.enabled = cfg.dump_hlo and backend.is_xla
+        self.backend = backend
+        self.dir = hlo_dir(output_dir)
+        self.last_step = steps
+
+    def before_sync(self, step: int, tensors: list[torch.Tensor]) -> Optional[Path]:
+        if not self.enabled or step > self.last_step:
+            return None
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / f"step_{step:08d}.hlo.txt"
+        path.write_text(self.backend.graph_text(tensors))
+        return path
+
+
+def hlo_dir(output_dir: Path) -> Path:
+    return output_dir / "hlo"
+
+
+def prune_compiler_dumps(directory: Path) -> None:
+    """Keep the HLO text of XLA's dump. XLA:CPU writes its LLVM IR, MLIR and object files
+    there too (hundreds of files, tens of MB even for a tiny model), which are not the program
+    a TPU runs."""
+    if not directory.is_dir():
+        return
+    for path in directory.iterdir():
+        if path.is_file() and path.suffix != ".txt":
+            path.unlink()
