@@ -209,9 +209,7 @@ class LlamaAttention(nn.Module):
         k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # [B, H|K, T, D]
-        groups = self.num_heads // self.num_kv_heads
-        k = k.repeat_interleave(groups, dim=1)  # [B, H, T, D]
-        v = v.repeat_interleave(groups, dim=1)
+        k, v = repeat_kv(k, self.num_heads), repeat_kv(v, self.num_heads)  # [B, H, T, D]
         kernel = self.cfg.attention_kernel
         if kernel == "sdpa":
             out = sdpa_attention(q, k, v, self.cfg.is_causal, bias)
@@ -223,6 +221,17 @@ class LlamaAttention(nn.Module):
             )
         out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
         return self.o_proj(offload_name(out, "attention_output"))
+
+
+def repeat_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[B, K, T, D] → [B, H, T, D], each key/value head repeated for its H / K query heads in
+    a row (repeat_interleave's order). Without grouping nothing is copied, and with it the copy
+    is one broadcast, not the gather repeat_interleave makes (and its backward a sum, not a
+    scatter)."""
+    B, K, T, D = x.shape
+    if K == num_heads:
+        return x
+    return x[:, :, None].expand(B, K, num_heads // K, T, D).reshape(B, num_heads, T, D)
 
 
 def causal_bias(T: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
