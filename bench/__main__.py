@@ -6,7 +6,8 @@
 Each benchmark runs in its own process, as its own command would (printed before it starts),
 so that one's compilations, threads or memory never weigh on the next; their tables appear as
 they run. BENCHMARKS.md keeps its prose: only the parts between `<!-- bench:NAME -->` and
-`<!-- /bench:NAME -->` are replaced by this run's figures.
+`<!-- /bench:NAME -->` are replaced by this run's figures; benchmarks.json keeps the raw
+figures of each benchmark's last run, from which benchmarks.png is drawn.
 """
 
 from __future__ import annotations
@@ -288,9 +289,16 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f"  {name}: {r['seconds']:.0f} s")
     if args.no_write:
         return
+    # The raw figures next to the tables; a run of some benchmarks only (--only) keeps the
+    # others' last figures, in the tables and in the chart.
+    raw = args.markdown.with_name("benchmarks.json")
+    when = datetime.datetime.now().isoformat(timespec="seconds")
+    merged = json.loads(raw.read_text()) if raw.is_file() else {}
+    merged.update({name: {**r, "measured_at": when} for name, r in results.items()})
+    raw.write_text(json.dumps(merged, indent=1) + "\n")
     write_markdown(args.markdown, results, total)
-    write_chart(args.chart, results)
-    print(f"wrote {args.markdown} and {args.chart}")
+    write_chart(args.chart, merged)
+    print(f"wrote {args.markdown}, {raw} and {args.chart}")
 
 
 if __name__ == "__main__":
