@@ -36,8 +36,12 @@ from torchprime.mesh import Mesh
 from torchprime.sharding import BATCH_SPEC
 from trainers.checkpoint import (
     CorruptCheckpoint,
+    barrier,
+    broadcast_from_coordinator,
     describe_incomplete,
+    gather_from_hosts,
     is_complete,
+    is_coordinator,
     load_checkpoint,
     save_checkpoint,
     step_dirs,
@@ -312,7 +316,8 @@ class BaseTrainer:
             if incomplete:
                 log.warning("resume: skipping incomplete checkpoints in %s: %s", root,
                             ", ".join(incomplete))
-            candidates = [p for p in step_dirs(root) if is_complete(p)]
+            # Every host loads the same checkpoint: the coordinator's view of the folder.
+            candidates = broadcast_from_coordinator([p for p in step_dirs(root) if is_complete(p)])
         else:
             path = Path(mode)
             if not path.is_dir():
@@ -321,12 +326,17 @@ class BaseTrainer:
         failed = []
         for path in candidates:
             before = self.backend.compile_count()
+            problem = None
             try:
                 record = load_checkpoint(path, self.training_state(), self.backend)
             except CorruptCheckpoint as e:
+                problem = str(e)
+            # One host that cannot load it is enough to skip it on all of them.
+            problem = next((p for p in gather_from_hosts(problem) if p is not None), None)
+            if problem is not None:
                 if mode != "auto":
-                    raise ConfigError(f"trainer.resume={mode}: cannot load it: {e}.") from e
-                log.warning("resume: skipping %s, which cannot be loaded: %s", path, e)
+                    raise ConfigError(f"trainer.resume={mode}: cannot load it: {problem}.")
+                log.warning("resume: skipping %s, which cannot be loaded: %s", path, problem)
                 failed.append(path.name)
                 continue
             self._apply_host_state(record)
@@ -338,8 +348,11 @@ class BaseTrainer:
                 compiles = f", {self.backend.compile_count() - before} compilations"
             self.start_step = int(record["step"])
             self.resumed_from = path
-            self._set_aside_newer_checkpoints(root)
-            dropped = truncate_metrics(self.metrics_path, self.start_step)
+            dropped = 0
+            if is_coordinator():
+                self._set_aside_newer_checkpoints(root)
+                dropped = truncate_metrics(self.metrics_path, self.start_step)
+            barrier()
             log.info("resume: continuing after step %d from %s (%d metrics records after it "
                      "dropped%s)", self.start_step, path, dropped, compiles)
             return path
@@ -348,7 +361,9 @@ class BaseTrainer:
                 f"trainer.resume=auto: no checkpoint in {root} can be loaded ({', '.join(failed)}"
                 "); move them away to start over, or point trainer.resume at a good one."
             )
-        truncate_metrics(self.metrics_path, 0)
+        if is_coordinator():
+            truncate_metrics(self.metrics_path, 0)
+        barrier()
         log.info("resume: no checkpoint in %s; starting from step 0", root)
         return None
 
@@ -396,7 +411,8 @@ class BaseTrainer:
 
     def train(self) -> TrainSummary:
         self.model.train()
-        self.metrics = MetricsFile(self.metrics_path)
+        # One metrics file for the run, from the coordinator (the loss is global already).
+        self.metrics = MetricsFile(self.metrics_path) if is_coordinator() else None
         batches = self.backend.device_loader(self.data, self.mesh, BATCH_SPEC)
         sigterm_at = int(os.environ.get(SIGTERM_AT_STEP_ENV, "0"))
         start = time.perf_counter()
@@ -453,7 +469,8 @@ class BaseTrainer:
         finally:
             self.profiler.stop()
             self._bar.close()
-            self.metrics.close()
+            if self.metrics is not None:
+                self.metrics.close()
             for logger in self.loggers:
                 logger.close(failed=failed)
         hf = None
@@ -490,7 +507,8 @@ class BaseTrainer:
         compiles = self.backend.compile_count()
         if compiles is not None:
             record["compiles"] = compiles
-        self.metrics.write(record)
+        if self.metrics is not None:
+            self.metrics.write(record)
         for logger in self.loggers:
             logger.log(record)
         self._losses.append(record["loss"])

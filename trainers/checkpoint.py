@@ -87,7 +87,8 @@ def save_checkpoint(
     checkpoint of `step`; then delete complete checkpoints older than the newest `keep`."""
     final = checkpoint_dir(root, step)
     tmp = root / f".{final.name}.tmp"
-    if tmp.exists():
+    lead = is_coordinator()
+    if lead and tmp.exists():
         shutil.rmtree(tmp)  # a previous save that died half-way
     # Every tensor must hold data, not a pending XLA graph: reading a pending tensor would
     # compile and run a graph of its own, for each tensor. The trainer saves right after a
@@ -95,6 +96,7 @@ def save_checkpoint(
     backend.sync()
     # A save launched while device computations are in flight can fail on XLA.
     backend.wait_device_ops()
+    barrier()  # no host writes into the folder while the coordinator still clears it
     save_planner, _ = backend.checkpoint_planners()
     with _quiet_library_warnings():
         dcp.save(
@@ -103,18 +105,62 @@ def save_checkpoint(
             planner=save_planner,
             no_dist=not dist.is_initialized(),
         )
-    _check_all_written(tmp, state)
     host = {"step": step, **(host_state or {})}
-    host_file(tmp, backend.process_index).write_text(json.dumps(host) + "\n")
-    (tmp / COMPLETE).write_text(json.dumps({"step": step}) + "\n")
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    fsync_dir(root)
-    if keep is not None:
-        for old in [p for p in step_dirs(root) if is_complete(p)][keep:]:
-            shutil.rmtree(old, ignore_errors=True)
+    host_file(tmp, process_index(backend)).write_text(json.dumps(host) + "\n")
+    barrier()  # every host's files are in before the coordinator seals the folder
+    problem = None
+    if lead:
+        try:
+            _check_all_written(tmp, state)
+            (tmp / COMPLETE).write_text(json.dumps({"step": step}) + "\n")
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            fsync_dir(root)
+            if keep is not None:
+                for old in [p for p in step_dirs(root) if is_complete(p)][keep:]:
+                    shutil.rmtree(old, ignore_errors=True)
+        except Exception as e:  # noqa: BLE001 - every host must learn of it, not hang
+            problem = f"{type(e).__name__}: {e}"
+    # The folder is final (or the save failed) for every host before any goes on.
+    problem = broadcast_from_coordinator(problem)
+    if problem is not None:
+        raise RuntimeError(f"checkpoint of step {step} failed: {problem}")
     return final
+
+
+def process_index(backend: Backend) -> int:
+    """This host's index: its rank when hosts share a process group."""
+    return dist.get_rank() if dist.is_initialized() else backend.process_index
+
+
+def is_coordinator() -> bool:
+    """Whether this process seals checkpoints and edits shared files (rank 0; single process:
+    always). Hosts coordinate through torch.distributed when a process group is up."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def gather_from_hosts(value: Any) -> list[Any]:
+    """`value` of every host, in rank order, on every host."""
+    if not dist.is_initialized():
+        return [value]
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def broadcast_from_coordinator(value: Any) -> Any:
+    """The coordinator's `value`, on every host (a barrier too)."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _flat_keys(state: dict[str, Any], prefix: str = "") -> list[str]:
@@ -182,7 +228,7 @@ def load_checkpoint(path: Path, state: dict[str, Any], backend: Backend) -> dict
     except Exception as e:  # noqa: BLE001 - DCP wraps reader errors in its own types
         raise CorruptCheckpoint(f"loading failed ({type(e).__name__}: {_first_line(e)})") from e
     record: dict[str, Any] = {"step": int(complete["step"])}
-    hosts = host_file(path, backend.process_index)
+    hosts = host_file(path, process_index(backend))
     if hosts.is_file():
         try:
             record.update(json.loads(hosts.read_text()))

@@ -42,6 +42,13 @@ class XlaBackend(Backend):
         # every later XLA backward fail an internal assert.
         xr.global_runtime_device_count()
         self._meshes: dict[Mesh, xs.Mesh] = {}
+        if xr.process_count() > 1 and not torch.distributed.is_initialized():
+            # Hosts agree through a CPU process group: checkpoints (one plan, one metadata
+            # file, one coordinator sealing the folder), resume, barriers. Untested here: a
+            # CPU machine runs one process.
+            from torch_xla.distributed import xla_backend  # noqa: F401 (registers xla://)
+
+            torch.distributed.init_process_group("gloo", init_method="xla://")
 
     @property
     def device(self) -> torch.device:

@@ -1,0 +1,64 @@
+"""Checkpoints written by several hosts at once: one process per host, coordinated through a
+torch.distributed process group (gloo here, as on a pod), into one shared folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+from conftest import ROOT
+
+WORKER = r"""
+import json, sys
+from pathlib import Path
+import torch, torch.distributed as dist
+from torchprime.backend import select_backend
+from trainers.checkpoint import load_checkpoint, save_checkpoint, step_dirs
+
+dist.init_process_group("gloo")
+rank, root = dist.get_rank(), Path(sys.argv[1])
+backend = select_backend("cpu", cpu_devices=1)
+weights = torch.arange(12.0).reshape(3, 4)
+for step in (5, 10):
+    state = {"model": {"w": weights * step}, "counters": {"step": torch.tensor(float(step))}}
+    save_checkpoint(root, step, state, backend, {"rank": rank, "batches_consumed": step + rank}, keep=1)
+fresh = {"model": {"w": torch.zeros(3, 4)}, "counters": {"step": torch.tensor(0.0)}}
+record = load_checkpoint(step_dirs(root)[0], fresh, backend)
+print(json.dumps({"rank": rank, "record": record, "w_ok": bool(torch.equal(fresh["model"]["w"], weights * 10)),
+                  "step": fresh["counters"]["step"].item(), "dirs": [p.name for p in step_dirs(root)]}))
+dist.destroy_process_group()
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_hosts_write_one_checkpoint_and_each_reads_back_its_own_record(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("PJRT_DEVICE", "CPU_NUM_DEVICES")}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(tmp_path)], cwd=ROOT, env={**env, "RANK": str(rank)},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for rank in range(2)
+    ]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    results = sorted((json.loads(out.strip().splitlines()[-1]) for out, _ in outputs), key=lambda r: r["rank"])
+    for rank, r in enumerate(results):
+        assert r["w_ok"] and r["step"] == 10.0
+        assert r["record"] == {"step": 10, "rank": rank, "batches_consumed": 10 + rank}
+        assert r["dirs"] == ["step_00000010"]  # keep=1 pruned step 5, once
+    folder = tmp_path / "step_00000010"
+    assert sorted(p.name for p in folder.iterdir() if not p.name.endswith(".distcp")) == [
+        ".metadata", "COMPLETE", "host_00000.json", "host_00001.json"
+    ]
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
