@@ -17,6 +17,7 @@ from pathlib import Path
 import torch, torch.distributed as dist
 from torchprime.backend import select_backend
 from trainers.checkpoint import load_checkpoint, save_checkpoint, step_dirs
+from trainers.hosts import any_host
 
 dist.init_process_group("gloo")
 rank, root = dist.get_rank(), Path(sys.argv[1])
@@ -27,7 +28,8 @@ for step in (5, 10):
     save_checkpoint(root, step, state, backend, {"rank": rank, "batches_consumed": step + rank}, keep=1)
 fresh = {"model": {"w": torch.zeros(3, 4)}, "counters": {"step": torch.tensor(0.0)}}
 record = load_checkpoint(step_dirs(root)[0], fresh, backend)
-print(json.dumps({"rank": rank, "record": record, "w_ok": bool(torch.equal(fresh["model"]["w"], weights * 10)),
+agree = [any_host(False), any_host(rank == 1)]  # a SIGTERM seen by host 1 only
+print(json.dumps({"rank": rank, "record": record, "agree": agree, "w_ok": bool(torch.equal(fresh["model"]["w"], weights * 10)),
                   "step": fresh["counters"]["step"].item(), "dirs": [p.name for p in step_dirs(root)]}))
 dist.destroy_process_group()
 """
@@ -57,6 +59,7 @@ def test_two_hosts_write_one_checkpoint_and_each_reads_back_its_own_record(tmp_p
         assert r["w_ok"] and r["step"] == 10.0
         assert r["record"] == {"step": 10, "rank": rank, "batches_consumed": 10 + rank}
         assert r["dirs"] == ["step_00000010"]  # keep=1 pruned step 5, once
+        assert r["agree"] == [False, True]  # both hosts stop when one received the signal
     folder = tmp_path / "step_00000010"
     assert sorted(p.name for p in folder.iterdir() if not p.name.endswith(".distcp")) == [
         ".metadata", "COMPLETE", "host_00000.json", "host_00001.json"

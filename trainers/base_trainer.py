@@ -36,18 +36,21 @@ from torchprime.mesh import Mesh
 from torchprime.sharding import BATCH_SPEC
 from trainers.checkpoint import (
     CorruptCheckpoint,
-    barrier,
-    broadcast_from_coordinator,
     describe_incomplete,
-    gather_from_hosts,
     is_complete,
-    is_coordinator,
     load_checkpoint,
     save_checkpoint,
     step_dirs,
 )
 from trainers.config import DebugConfig, ProfileConfig, TrainerConfig
 from trainers.data_position import TrackedBatches
+from trainers.hosts import (
+    any_host,
+    barrier,
+    broadcast_from_coordinator,
+    gather_from_hosts,
+    is_coordinator,
+)
 from trainers.metrics import MetricsFile, model_flops_per_token, peak_flops, truncate_metrics
 from trainers.profiling import GraphDumper, StepProfiler
 
@@ -439,7 +442,9 @@ class BaseTrainer:
                     if step == sigterm_at:
                         os.kill(os.getpid(), signal.SIGTERM)
                     if step < self.cfg.max_steps:  # at the last step the run ends anyway
-                        if preemption.received:
+                        # All hosts stop after the same step (the save is collective), even
+                        # when the signal reached some of them a step later.
+                        if any_host(preemption.received):
                             stopped = "SIGTERM"
                         elif step == self.cfg.stop_at_step:
                             stopped = f"trainer.stop_at_step={step}"
