@@ -9,8 +9,9 @@ host: the decision is a device tensor and `torch.where` keeps the old values.
 
 Eager devices (CPU, CUDA) have no graph to keep stable, and there the out-of-place update with
 `torch.where` costs several extra passes over every parameter-sized tensor (3x the time of
-torch.optim.AdamW on a CPU). So off XLA the skip decision is read on the host and the moments
-and parameters are updated in place, as torch.optim.AdamW does: the same numbers either way.
+torch.optim.AdamW on a CPU). So off XLA the skip decision is read on the host, and the update
+is torch.optim.AdamW's fused kernel (one pass over each tensor), or with clipping or moments in
+another dtype an in-place update: the same numbers either way.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any, Optional, Union
 
 import torch
 from torch.optim import Optimizer
+from torch.optim.adamw import adamw
 
 Number = Union[float, torch.Tensor]
 #: layout(new_tensor, param): give a state tensor the layout (sharding) of its parameter.
@@ -132,6 +134,8 @@ class AdamW(Optimizer):
             lr = group["lr"]
             beta1, beta2 = group["betas"]
             clips = group["update_clip"] is not None or group["update_rms_clip"] is not None
+            if not clips and self._fused_step(group):
+                continue
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -146,15 +150,7 @@ class AdamW(Optimizer):
                     if group["weight_decay"]:
                         p.mul_(1 - lr * group["weight_decay"])
                     bias_correction1 = 1 - torch.pow(beta1, state["step"])
-                    eps = group["eps"]
-                    if not clips and state["exp_avg"].dtype == p.dtype:
-                        # p -= lr · m̂ / (√v̂ + ε) as p -= m / ((√v̂ + ε) · c), c = bc1 / lr:
-                        # lr may be a tensor (no host read), and no pass more than torch's.
-                        c = bias_correction1 / lr
-                        denom = sqrt_v.mul_(c / bias_correction2_sqrt).add_(eps * c)
-                        p.addcdiv_(state["exp_avg"], denom, value=-1.0)
-                        continue
-                    denom = sqrt_v.div_(bias_correction2_sqrt).add_(eps)
+                    denom = sqrt_v.div_(bias_correction2_sqrt).add_(group["eps"])
                     update = (state["exp_avg"] / bias_correction1) / denom
                 else:
                     update, new_state = self._adam_update(
@@ -188,6 +184,28 @@ class AdamW(Optimizer):
             # clip_total is fixed by the parameter shapes: a constant of the graph.
             self.update_clip_fraction = torch.stack(clipped).sum() / clip_total
         return loss
+
+    def _fused_step(self, group: dict[str, Any]) -> bool:
+        """The group's step by torch.optim.AdamW's fused kernel (one pass over each tensor),
+        where it applies: every parameter updated in place, no clipping (the kernel never
+        materializes the update), moments in the parameters' dtype. Returns whether it ran."""
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params or not all(self.updates_in_place(p) for p in params):
+            return False
+        for p in params:
+            if not self.state[p]:
+                self.state[p].update(self._init_state(p))
+        states = [self.state[p] for p in params]
+        if any(s["exp_avg"].dtype != p.dtype for s, p in zip(states, params)):
+            return False
+        beta1, beta2 = group["betas"]
+        adamw(
+            params, [p.grad for p in params], [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states], fused=True,
+            amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+            weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
+        )
+        return True
 
     def _count_skip(self, skip: torch.Tensor) -> None:
         skipped = skip.to(torch.int32)
