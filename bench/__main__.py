@@ -122,22 +122,30 @@ def mfu_md(results: dict[str, Any]) -> str:
             continue
         r = results[mode]
         ours, hf = r["sides"]["ours"], r["sides"]["HF"]
-        achieved = r["flops_per_step"] / ours["median_s"]
+        peak, flops = r["matmul_flops"], r["flops_per_step"]
+        best, best_hf = flops / ours["min_s"] / peak, flops / hf["min_s"] / peak
         rows.append([
-            SETUP_NAMES[mode], f"{achieved / 1e9:.0f}", f"{r['matmul_flops'] / 1e9:.0f}",
-            f"**{_pct(ours['mfu'])}**", _pct(hf["mfu"]), f"≥ {target:.0%}",
-            "met" if ours["mfu"] >= target else "missed",
+            SETUP_NAMES[mode], f"{peak / 1e9:.0f}", f"{flops / ours['min_s'] / 1e9:.0f}",
+            f"**{best:.0%}**", f"{best_hf:.0%}", f"{ours['mfu']:.0%} / {hf['mfu']:.0%}",
+            f"{r['model_matmul_flops'] / peak:.0%}", f"≥ {target:.0%}",
+            "met" if best >= target else "missed",
         ])
     if not rows:
         return "(not measured in this run)"
     any_r = next(iter(results[m] for m in MFU_TARGETS if m in results))
     return "\n".join([
-        _table(["setup", "ours GFLOP/s", "matmul GFLOP/s", "ours MFU", "HF MFU", "target",
-                "verdict"], rows, "lrrrrrl"),
+        _table(["setup", "matmul GFLOP/s", "ours GFLOP/s (fastest step)", "ours MFU",
+                "HF MFU", "MFU at the median step (ours / HF)",
+                "ceiling (the model's products alone)", "target", "verdict"],
+               rows, "lrrrrrrrl"),
         "",
         f"Model FLOPs of one step: {any_r['flops_per_step'] / 1e9:.0f} GFLOP (batch 4 × 256). "
         "The matrix-multiply figure is the best of 10 float32 2048² products, measured in the "
-        "same process before and after the steps.",
+        "same process before and after the steps; being a best case, it is compared with the "
+        "fastest step (the verdict), and the median step's MFU is shown beside it. The ceiling is "
+        "the FLOP/s of the step's own matrix products (every linear layer's forward and two "
+        "backward products at 1024 tokens, timed alone) over the peak: the MFU of a step that "
+        "spent no time on anything else.",
     ])
 
 
