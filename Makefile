@@ -20,7 +20,7 @@ train: $(STAMP)
 test: $(STAMP)
 	@$(VENV)/bin/python -m pytest $(ARGS); rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
 
-# Every benchmark (bench/), about 15 minutes on 2 cores; rewrites BENCHMARKS.md's tables and
+# Every benchmark (bench/), 8-15 minutes on 2 cores; rewrites BENCHMARKS.md's tables and
 # benchmarks.png (extra arguments: make bench ARGS="--only eager compiled").
 bench: $(STAMP)
 	$(VENV)/bin/python -m bench $(ARGS)

@@ -1,6 +1,6 @@
 """Every benchmark in one run, then BENCHMARKS.md's tables and benchmarks.png rewritten.
 
-    python -m bench                 # or: make bench (about 15 minutes on 2 cores)
+    python -m bench                 # or: make bench (8-15 minutes on 2 cores)
     python -m bench --only eager compiled --no-write
 
 Each benchmark runs in its own process, as its own command would (printed before it starts),
@@ -91,7 +91,7 @@ def side_by_side_md(results: dict[str, Any]) -> str:
         ])
     table = _table(
         ["setup", "ours s/step", "HF s/step", "HF / ours", "fastest step s (ours / HF)",
-         "HF / ours", "CPU s/step (ours / HF)", "HF / ours", "warm-up s (ours / HF)",
+         "HF / ours, fastest", "CPU s/step (ours / HF)", "HF / ours, CPU", "warm-up s (ours / HF)",
          "compilations (ours / HF)", "first loss (ours / HF)"],
         rows, "lrrrrrrrrrr",
     )
@@ -255,13 +255,14 @@ def write_chart(path: Path, results: dict[str, Any]) -> None:
             mfu_modes = [m for m in MFU_TARGETS if m in results]
             x = range(len(mfu_modes))
             for i, side in enumerate(("ours", "HF")):
-                values = [100 * results[m]["sides"][side]["mfu"] for m in mfu_modes]
+                values = [100 * results[m]["flops_per_step"] / results[m]["sides"][side]["min_s"]
+                          / results[m]["matmul_flops"] for m in mfu_modes]
                 ax.bar([j + (i - 0.5) * width for j in x], values, width, label=side)
             for j, m in enumerate(mfu_modes):
                 target = 100 * MFU_TARGETS[m]
                 ax.hlines(target, j - 0.45, j + 0.45, colors="k", linestyles="dashed")
             ax.set_xticks(list(x), mfu_modes)
-            ax.set_ylabel("MFU % of matmul FLOP/s (dashed: target)")
+            ax.set_ylabel("MFU %, fastest step (dashed: target)")
             ax.set_title("model FLOPs utilization, CPU")
         else:
             r = results["remat"]
@@ -273,7 +274,7 @@ def write_chart(path: Path, results: dict[str, Any]) -> None:
             ax.set_xticks(list(x), ["forward peak", "step peak"])
             ax.set_ylabel("MiB above the baseline RSS")
             ax.set_title(f"activation memory, depth {r['depth']}")
-        ax.legend()
+        ax.legend(loc="lower right")
         ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
