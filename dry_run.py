@@ -57,6 +57,7 @@ class DryRunReport:
     notes: list[str] = field(default_factory=list)
     plan: Optional[ShardingPlan] = None
     verdict: Optional[FitVerdict] = None
+    activations: Optional[str] = None
     ran: Optional[str] = None
     """The shrunken model and folded mesh the steps ran with."""
     first: Optional[TrainSummary] = None
@@ -147,11 +148,13 @@ def check_for_target(
     if tokenizer is not None:
         _attempt(report, _first_batch, cfg, tokenizer)
     if specs is not None:
-        from train import plan_for, target_hbm
+        from train import activation_estimate, describe_activations, plan_for, target_hbm
 
         report.plan = plan_for(cfg, model, specs, mesh)
+        activations = activation_estimate(cfg, mesh)
+        report.activations = describe_activations(activations)
         if (hbm := target_hbm(cfg)) is not None:
-            report.verdict = fit_verdict(report.plan, *hbm)
+            report.verdict = fit_verdict(report.plan, *hbm, activations.device_bytes)
         else:
             report.notes.append("no target.chip or target.hbm_gib: the plan is not judged")
     return mesh
@@ -304,6 +307,8 @@ def format_report(r: DryRunReport) -> str:
             f"  plan        {p.total_parameters / 1e9:.2f}B parameters on mesh {p.mesh.describe()}"
             f" ({p.mesh.num_devices} devices)"
         )
+    if r.activations is not None:
+        lines.append(f"  activations {r.activations}")
     if r.verdict is not None:
         lines.append(f"  memory      {r.verdict.text}")
     if r.ran:

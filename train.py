@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from data.pipeline import TextBatches
 from data.tokenizers import Tokenizer, build_tokenizer
 from models import build_model
+from models.memory import ActivationEstimate, estimate_activations
 from optimizers.groups import param_groups
 from torchprime.attention import check_attention_kernel
 from torchprime.backend import select_backend
@@ -25,9 +26,17 @@ from torchprime.backend.base import Backend
 from torchprime.errors import ConfigError
 from torchprime.mesh import Mesh, resolve_mesh
 from torchprime.materialize import materialize
-from torchprime.plan import TPU_HBM_GIB, ShardingPlan, fit_verdict, format_plan, make_plan
+from torchprime.plan import (
+    TPU_HBM_GIB,
+    ShardingPlan,
+    fit_verdict,
+    format_bytes,
+    format_plan,
+    make_plan,
+)
 from torchprime.rewriting import apply_rewriting, check_remat
 from torchprime.sharding import (
+    BATCH_SPEC,
     check_batch_divisible,
     plan_activation_specs,
     plan_parameter_specs,
@@ -190,9 +199,29 @@ def sharding_plan(cfg: TrainConfig) -> str:
     check_remat(model, cfg.model.remat)
     plan = plan_for(cfg, model, specs, mesh)
     text = format_plan(plan)
+    activations = activation_estimate(cfg, mesh)
+    text += "\n  activations: " + describe_activations(activations)
     if (hbm := target_hbm(cfg)) is not None:
-        text += "\n  " + fit_verdict(plan, hbm[0], hbm[1]).text
+        text += "\n  " + fit_verdict(plan, *hbm, activations.device_bytes).text
     return text
+
+
+def activation_estimate(cfg: TrainConfig, mesh: Mesh) -> ActivationEstimate:
+    """The activations of one micro-batch on one device, estimated (models/memory.py)."""
+    rows = cfg.trainer.global_batch_size / cfg.trainer.grad_accum_steps / mesh.size(BATCH_SPEC[0])
+    return estimate_activations(
+        cfg.model, cfg.model.remat, mesh, rows, cfg.data.block_size, DTYPES[cfg.dtype].itemsize
+    )
+
+
+def describe_activations(a: ActivationEstimate) -> str:
+    text = (
+        f"{format_bytes(a.kept_bytes)} kept for backward + {format_bytes(a.working_bytes)} for "
+        "one layer and the logits"
+    )
+    if a.host_bytes:
+        text += f", {format_bytes(a.host_bytes)} offloaded to host memory"
+    return text + f" (estimate, {a.tokens:,} tokens a device)"
 
 
 def plan_for(cfg: TrainConfig, model: torch.nn.Module, specs: dict, mesh: Mesh) -> ShardingPlan:

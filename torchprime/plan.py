@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
@@ -98,24 +99,41 @@ class FitVerdict:
     text: str
 
 
-def fit_verdict(plan: ShardingPlan, hbm_bytes: float, where: str) -> FitVerdict:
-    """Whether parameters, gradients and optimizer state alone fit in one chip's memory,
-    and what share is left for activations and the compiler's buffers."""
+def fit_verdict(
+    plan: ShardingPlan, hbm_bytes: float, where: str, activation_bytes: Optional[int] = None
+) -> FitVerdict:
+    """Whether parameters, gradients and optimizer state fit in one chip's memory, and with
+    `activation_bytes` (an estimate) whether the activations fit beside them."""
     used = plan.total_bytes
-    share = used / hbm_bytes
     if used > hbm_bytes:
         return FitVerdict(
             False,
             f"DOES NOT FIT: parameters + gradients + optimizer state need {format_bytes(used)} "
             f"per device, more than the {format_bytes(hbm_bytes)} of {where} "
-            f"({share:.0%}). Shard wider (more fsdp or tensor), use bfloat16 parameters or "
-            "trainer.optimizer.state_dtype=bfloat16, or a larger chip.",
+            f"({used / hbm_bytes:.0%}). Shard wider (more fsdp or tensor), use bfloat16 "
+            "parameters or trainer.optimizer.state_dtype=bfloat16, or a larger chip.",
         )
-    return FitVerdict(
-        True,
-        f"fits: {format_bytes(used)} of {format_bytes(hbm_bytes)} on {where} ({share:.0%}), "
-        f"{format_bytes(hbm_bytes - used)} left for activations and compiler buffers.",
+    if activation_bytes is None:
+        return FitVerdict(
+            True,
+            f"fits: {format_bytes(used)} of {format_bytes(hbm_bytes)} on {where} "
+            f"({used / hbm_bytes:.0%}), {format_bytes(hbm_bytes - used)} left for activations "
+            "and compiler buffers.",
+        )
+    total = used + activation_bytes
+    figures = (
+        f"{format_bytes(used)} of weights, gradients and optimizer state + about "
+        f"{format_bytes(activation_bytes)} of activations (estimate) = {format_bytes(total)} "
+        f"of {format_bytes(hbm_bytes)} on {where} ({total / hbm_bytes:.0%})"
     )
+    if total > hbm_bytes:
+        return FitVerdict(
+            False,
+            f"LIKELY OUT OF MEMORY: {figures}. Recompute or offload more (model/remat="
+            "scan_remat or scan_offload), fewer rows per device (more "
+            "trainer.grad_accum_steps), or shard wider.",
+        )
+    return FitVerdict(True, f"fits: {figures}.")
 
 
 def format_bytes(n: float) -> str:

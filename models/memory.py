@@ -1,0 +1,93 @@
+"""An estimate of the Llama's activation memory per device, for the plan's verdict.
+
+Counted per token and layer: the tensors autograd keeps for the backward pass (the inputs of
+every norm, projection and nonlinearity, RoPE's outputs, the attention output, and with
+attention written out, its probabilities [heads × sequence]); with remat only each layer's
+input is kept, plus one layer's worth while it is recomputed; offloaded activations are kept
+on the host instead. Then the logits, in the model's dtype and as float32 for the loss. What
+XLA adds (fusion temporaries, collective buffers, padding) is not counted, and it may also
+free or reuse buffers this count keeps: read the figure as a first order of magnitude.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from models.llama import LlamaConfig
+from torchprime.attention import TPU_KERNELS
+from torchprime.mesh import Mesh
+from torchprime.rewriting import RematConfig
+
+#: Bytes of the float32 copy of the logits the loss takes.
+LOSS_BYTES = 4
+
+
+@dataclass(frozen=True)
+class ActivationEstimate:
+    kept_bytes: int
+    """Kept on the device from the forward to the backward pass, all layers."""
+    working_bytes: int
+    """One layer's activations while it runs or is recomputed, and the logits."""
+    host_bytes: int
+    """Offloaded to host memory (per device)."""
+    tokens: int
+    """Tokens of one micro-batch on one device."""
+
+    @property
+    def device_bytes(self) -> int:
+        return self.kept_bytes + self.working_bytes
+
+
+def per_token_layer_elements(cfg: LlamaConfig, tensor: int, seq_len: int) -> dict[str, float]:
+    """Elements one token keeps in one layer for the backward pass, by activation, on one
+    device (head and MLP dimensions split over the `tensor` axis)."""
+    h, d = cfg.hidden_size, cfg.resolved_head_dim
+    q, kv, mlp = cfg.num_attention_heads * d / tensor, cfg.num_key_value_heads * d / tensor, (
+        cfg.intermediate_size / tensor
+    )
+    counts = {
+        "decoder_input": h,  # the input norm's input
+        "attention_norm": h,  # the q/k/v projections' input
+        "q_proj": q,
+        "k_proj": kv,
+        "v_proj": kv,
+        "rope": q + kv,  # rotated queries and keys
+        "attention_output": q,  # o_proj's input
+        "mlp_input": h,  # the post-attention norm's input
+        "mlp_norm": h,
+        "mlp": 4 * mlp,  # gate, up, silu(gate), their product (down_proj's input)
+    }
+    if cfg.attention_kernel not in TPU_KERNELS:
+        counts["attention_probs"] = cfg.num_attention_heads / tensor * seq_len
+    return counts
+
+
+def estimate_activations(
+    cfg: LlamaConfig,
+    remat: RematConfig,
+    mesh: Mesh,
+    rows_per_device: float,
+    seq_len: int,
+    dtype_bytes: int,
+) -> ActivationEstimate:
+    """Activation memory of one micro-batch of `rows_per_device` rows on one device."""
+    tensor = mesh.shape["tensor"]
+    tokens = int(rows_per_device * seq_len / mesh.shape["context"])
+    counts = per_token_layer_elements(cfg, tensor, seq_len)
+    layer = sum(counts.values()) * tokens * dtype_bytes
+    layers = cfg.num_hidden_layers
+    rematerialized = "LlamaDecoderLayer" in remat.activation_checkpoint_layers
+    offloaded = set(remat.offload_tensors) if remat.scan_layers else set()
+    if rematerialized or offloaded:
+        # Each layer keeps what the offload keeps (on the host) or its input; one layer is
+        # recomputed at a time.
+        kept_names = offloaded or {"decoder_input"}
+        kept = sum(counts[n] for n in kept_names) * tokens * dtype_bytes * layers
+        host = kept if offloaded else 0
+        device_kept = 0 if offloaded else kept
+        working = layer
+    else:
+        host, device_kept, working = 0, layer * layers, 0
+    vocab = cfg.vocab_size / tensor  # the LM head's output split over tensor, as in fsdp_tp
+    logits = tokens * vocab * (dtype_bytes + LOSS_BYTES)
+    return ActivationEstimate(int(device_kept), int(working + logits), int(host), tokens)
