@@ -263,10 +263,11 @@ def run_shrunken(cfg: TrainConfig, mesh: Mesh, tokenizer: Tokenizer, report: Dry
     small, notes = shrunken(cfg, mesh, tokenizer, out)
     report.notes += notes
     m = small.model
+    ran_mesh = resolve_mesh(small.ici_mesh, small.dcn_mesh, None)  # the folded one
     report.ran = (
         f"{m.num_hidden_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads / "
         f"{m.num_key_value_heads} kv, vocab {m.vocab_size}, {small.data.block_size} tokens x "
-        f"{small.trainer.global_batch_size} rows; mesh {fold_mesh(mesh, cfg.dry_run_devices).describe()}"
+        f"{small.trainer.global_batch_size} rows; mesh {ran_mesh.describe()}"
     )
     out.mkdir(parents=True)
     (out / CONFIG_NAME).write_text(OmegaConf.to_yaml(OmegaConf.structured(small)))

@@ -170,10 +170,9 @@ def train(
         seq_len=cfg.data.block_size,
     )
     trainer.profiler = StepProfiler(cfg.profile, backend, output_dir)
-    # The steps that compile: the first (no optimizer state yet) and the one after.
-    trainer.graph_dumper = GraphDumper(cfg.debug, backend, output_dir, trainer.start_step + 2)
     trainer.restore()
-    trainer.graph_dumper.last_step = trainer.start_step + 2
+    # The steps that compile: the first of this process and the one after.
+    trainer.graph_dumper = GraphDumper(cfg.debug, backend, output_dir, trainer.start_step + 2)
     if cfg.wandb.enabled and backend.process_index == 0:
         from trainers.wandb_logger import WandbLogger
 
