@@ -51,7 +51,7 @@ def measure(backend, mesh, depth: int, scan: bool, steps: int) -> dict[str, floa
     specs = plan_parameter_specs(model, cfg.sharding, mesh)
     materialize(model, specs, mesh, backend, model.init_module_weights, torch.Generator())
     apply_rewriting(model, RematConfig(scan_layers="model.layers" if scan else None), backend)
-    optimizer = build_optimizer(model, TrainerConfig())
+    optimizer = build_optimizer(model, TrainerConfig(), backend)
     ids = torch.randint(0, 264, (8, 256), generator=torch.Generator().manual_seed(0))
     ids = ids.to(backend.device)
     compile_before = backend.compile_seconds()

@@ -6,7 +6,7 @@ LlamaForCausalLM with torch.optim.AdamW, same shapes, same weights, same batches
     python -m bench.hf_compare xla        # XLA SPMD, fsdp over 4 virtual CPU devices
 
 Our side is the trainer's own step (models.build_model, materialize, the model rewriting,
-LMTrainer.train_step with its clipping, lr schedule and skip logic); HF's side is the loop an HF
+the trainer's train_step with its clipping, lr schedule and skip logic); HF's side is the loop an HF
 user writes (forward with labels, backward, AdamW step, zero_grad) with the KV cache off. Both
 start from the same weights (ours, loaded into HF by name), so their first losses must agree.
 Steps alternate (ours, HF, ours, HF, ...) so that drifting load on a shared machine hits both
@@ -70,7 +70,7 @@ class Ours:
             ShardingConfig, plan_activation_specs, plan_parameter_specs, shard_activations,
         )
         from trainers.config import OptimizerConfig, TrainerConfig
-        from trainers.lm_trainer import LMTrainer
+        from trainers import make_trainer
 
         sharding = fsdp_sharding() if backend.is_xla else ShardingConfig()
         cfg = LlamaConfig(**SHAPES, sharding=sharding)
@@ -87,8 +87,8 @@ class Ours:
             optimizer=OptimizerConfig(lr=LR, beta1=BETAS[0], beta2=BETAS[1],
                                       weight_decay=WEIGHT_DECAY),
         )
-        self.trainer = LMTrainer(trainer_cfg, self.model, backend, mesh, (), workdir,
-                                 tokens_per_step=BATCH * SEQ, seq_len=SEQ)
+        self.trainer = make_trainer(trainer_cfg, self.model, backend, mesh, (), workdir,
+                                   tokens_per_step=BATCH * SEQ)
         self.trainer.model.train()
 
     def step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -51,7 +51,7 @@ def measure(variant: str, depth: int) -> dict[str, float]:
     from torchprime.mesh import MeshAxesConfig, resolve_mesh
     from torchprime.rewriting import RematConfig, apply_rewriting
     from trainers.config import TrainerConfig
-    from trainers.lm_trainer import LMTrainer
+    from trainers import make_trainer
 
     backend = select_backend("cpu", cpu_devices=1)
     mesh = resolve_mesh(MeshAxesConfig(fsdp=1), MeshAxesConfig(), None)
@@ -62,7 +62,7 @@ def measure(variant: str, depth: int) -> dict[str, float]:
     layers = ["LlamaDecoderLayer"] if variant == "remat" else []
     apply_rewriting(model, RematConfig(activation_checkpoint_layers=layers), backend)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = LMTrainer(TrainerConfig(progress_bar=False), model, backend, mesh, (),
+        trainer = make_trainer(TrainerConfig(progress_bar=False), model, backend, mesh, (),
                             Path(tmp), tokens_per_step=BATCH * SEQ)
         ids = torch.randint(0, cfg.vocab_size, (BATCH, SEQ),
                             generator=torch.Generator().manual_seed(0))

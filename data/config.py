@@ -1,20 +1,56 @@
-"""Schema of the `data` config group (configs/data/)."""
+"""Schema of the `data` config group (configs/data/). Each block says what is wrong with its
+own values (`problems`); whether the sources open is checked by reading them (data/sources.py)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import List, Optional
+
+from data.packing import Packing
+from torchprime.errors import Problems
+
+
+class SourceKind(StrEnum):
+    """Where documents come from."""
+
+    stdlib = "stdlib"
+    """The running Python's standard library sources, one document a file."""
+    files = "files"
+    """Local files at `path`."""
+    hub = "hub"
+    """An HF hub dataset named by `path`, streamed."""
+
+
+class FileFormat(StrEnum):
+    """How local files are read (`source: files`)."""
+
+    text = "text"
+    """One document a file."""
+    json = "json"
+    """JSON lines, one document a row."""
+    parquet = "parquet"
+    """Parquet, one document a row."""
+
+
+def _source_problems(found: Problems, key: str, source: SourceKind, path: Optional[str]) -> None:
+    """A files or hub source needs a path."""
+    if source == SourceKind.hub:
+        found.check(bool(path), f"{key}.source=hub needs {key}.path, the dataset's name on the hub.")
+    elif source == SourceKind.files:
+        found.check(bool(path), f"{key}.source=files needs {key}.path (a file, folder or glob).")
 
 
 @dataclass
 class SourceConfig:
     """One source of a weighted mixture (an entry of `data.sources`)."""
 
-    source: str = "files"
+    source: SourceKind = SourceKind.files
     """stdlib, files or hub, as the top-level `data.source`."""
     path: Optional[str] = None
     """files: a file, a folder or a glob; hub: the dataset name."""
-    format: str = "text"
+    format: FileFormat = FileFormat.text
     """files: text (one document a file), json (JSON lines) or parquet."""
     hub_config: Optional[str] = None
     """hub: the dataset's configuration name."""
@@ -26,18 +62,27 @@ class SourceConfig:
     """Share of the documents drawn from this source, relative to the other weights (they
     need not sum to 1)."""
 
+    def problems(self, key: str) -> Problems:
+        found = Problems()
+        _source_problems(found, key, self.source, self.path)
+        found.check(
+            math.isfinite(self.weight) and self.weight > 0,
+            f"{key}.weight={self.weight}: must be a positive number.",
+        )
+        return found
+
 
 @dataclass
 class DataConfig:
     """Where text comes from and how it becomes fixed-size training rows."""
 
-    source: str = "stdlib"
+    source: SourceKind = SourceKind.stdlib
     """stdlib: the running Python's standard library sources, one document a file (no network,
     about 13 MB); files: local files at `path`; hub: the HF hub dataset named by `path`.
     Ignored when `sources` is not empty."""
     path: Optional[str] = None
     """files: a file, a folder or a glob; hub: the dataset name (e.g. allenai/c4)."""
-    format: str = "text"
+    format: FileFormat = FileFormat.text
     """files: text (one document a file), json (JSON lines) or parquet."""
     hub_config: Optional[str] = None
     """hub: the dataset's configuration name (e.g. "en" for allenai/c4)."""
@@ -59,7 +104,7 @@ class DataConfig:
     """Start every document with the tokenizer's BOS token (Llama 3 does)."""
     block_size: int = 256
     """Tokens per training row (sequence length)."""
-    packing: str = "concat"
+    packing: Packing = Packing.concat
     """concat: documents joined, each followed by EOS, and cut into rows of block_size;
     document: the same, plus segment and position ids so that attention and the loss stay
     within each document (a document cut by a row's end goes on as a new segment in the next
@@ -67,3 +112,23 @@ class DataConfig:
     (no loss on padding)."""
     collator: str = "causal_lm"
     """How rows become model inputs (collators.COLLATORS)."""
+
+    def problems(self, key: str = "data") -> Problems:
+        from collators import COLLATORS
+
+        found = Problems()
+        if self.sources:
+            for i, source in enumerate(self.sources):
+                found += source.problems(f"{key}.sources[{i}]")
+        else:
+            _source_problems(found, key, self.source, self.path)
+        found.check(
+            self.shuffle_buffer >= 0,
+            f"{key}.shuffle_buffer={self.shuffle_buffer}: must be 0 (off) or more.",
+        )
+        found.check(self.block_size >= 2, f"{key}.block_size={self.block_size}: must be at least 2.")
+        found.check(
+            self.collator in COLLATORS,
+            f"{key}.collator={self.collator!r}: known collators are {', '.join(COLLATORS)}.",
+        )
+        return found

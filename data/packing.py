@@ -12,10 +12,9 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from enum import StrEnum
 from itertools import chain
 from typing import Any
-
-from torchprime.errors import ConfigError
 
 Row = dict[str, list[int]]
 NextDoc = Callable[[], list[int]]
@@ -117,20 +116,20 @@ class PadPacker(Packer):
         }
 
 
-PACKINGS: dict[str, type[Packer]] = {
-    "concat": ConcatPacker,
-    "document": DocumentPacker,
-    "pad": PadPacker,
+class Packing(StrEnum):
+    """`data.packing`: how documents become rows (the classes above)."""
+
+    concat = "concat"
+    document = "document"
+    pad = "pad"
+
+
+PACKERS: dict[Packing, type[Packer]] = {
+    Packing.concat: ConcatPacker,
+    Packing.document: DocumentPacker,
+    Packing.pad: PadPacker,
 }
 
 
-def check_packing(name: str) -> None:
-    if name not in PACKINGS:
-        raise ConfigError(f"data.packing={name!r}: choose one of {', '.join(PACKINGS)}.")
-
-
 def build_packer(name: str, block_size: int, pad_id: int) -> Packer:
-    check_packing(name)
-    if block_size < 1:
-        raise ConfigError(f"data.block_size={block_size}: must be at least 1.")
-    return PACKINGS[name](block_size, pad_id)
+    return PACKERS[Packing(name)](block_size, pad_id)

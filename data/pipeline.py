@@ -57,8 +57,6 @@ class TextBatches:
         process_count: int = 1,
         seed: int = 0,
     ):
-        if cfg.shuffle_buffer < 0:
-            raise ConfigError(f"data.shuffle_buffer={cfg.shuffle_buffer}: must be 0 (off) or more.")
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.batch_size = batch_size

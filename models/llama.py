@@ -15,14 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchprime.attention import tpu_attention
-from torchprime.errors import ConfigError
+from torchprime.attention import AttentionKernel, KernelPlacement, tpu_attention
+from torchprime.errors import Problems
 from torchprime.offload import offload_name
 from torchprime.rewriting import RematConfig
 from torchprime.sharding import ShardingConfig
 
 IGNORE_INDEX = -100
-ATTENTION_KERNELS = ("eager", "sdpa", "flash", "splash")
 
 
 @dataclass
@@ -69,7 +68,7 @@ class LlamaConfig:
     """Standard deviation of the normal init of linear and embedding weights."""
     scale_output_init: bool = False
     """Divide the init std of o_proj and down_proj by sqrt(2 * num_hidden_layers) (GPT-2 style)."""
-    attention_kernel: str = "sdpa"
+    attention_kernel: AttentionKernel = AttentionKernel.sdpa
     """eager (reference math), sdpa (torch.nn.functional.scaled_dot_product_attention), or on
     TPU the Pallas kernels flash and splash (torchprime/attention.py)."""
     attention_block_sizes: dict[str, int] = field(default_factory=dict)
@@ -94,28 +93,40 @@ class LlamaConfig:
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.hidden_size // self.num_attention_heads
 
-    def validate(self, key: str = "model") -> None:
-        if self.attention_kernel not in ATTENTION_KERNELS:
-            raise ConfigError(
-                f"{key}.attention_kernel={self.attention_kernel!r}: choose one of "
-                f"{', '.join(ATTENTION_KERNELS)}."
-            )
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError(
-                f"{key}.num_attention_heads={self.num_attention_heads} is not a multiple of "
-                f"{key}.num_key_value_heads={self.num_key_value_heads}."
-            )
-        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
-            raise ConfigError(
+    def problems(self, key: str = "model") -> Problems:
+        """What makes this architecture impossible, one line a problem naming the key."""
+        found = Problems()
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
+            value = getattr(self, name)
+            found.check(value >= 1, f"{key}.{name}={value}: must be at least 1.")
+        if found:
+            return found  # the checks below divide by these
+        found.check(
+            self.num_attention_heads % self.num_key_value_heads == 0,
+            f"{key}.num_attention_heads={self.num_attention_heads} is not a multiple of "
+            f"{key}.num_key_value_heads={self.num_key_value_heads}.",
+        )
+        if self.head_dim is None:
+            found.check(
+                self.hidden_size % self.num_attention_heads == 0,
                 f"{key}.hidden_size={self.hidden_size} does not divide into "
-                f"{self.num_attention_heads} heads; set {key}.head_dim."
+                f"{self.num_attention_heads} heads; set {key}.head_dim.",
             )
-        if self.resolved_head_dim % 2:
-            raise ConfigError(f"{key}: head_dim={self.resolved_head_dim} must be even for RoPE.")
-        if self.rope_scaling is not None and self.rope_scaling.rope_type != "llama3":
-            raise ConfigError(
-                f"{key}.rope_scaling.rope_type={self.rope_scaling.rope_type!r}: only llama3."
+        found.check(
+            self.resolved_head_dim % 2 == 0,
+            f"{key}: head_dim={self.resolved_head_dim} must be even for RoPE.",
+        )
+        if self.rope_scaling is not None:
+            found.check(
+                self.rope_scaling.rope_type == "llama3",
+                f"{key}.rope_scaling.rope_type={self.rope_scaling.rope_type!r}: only llama3.",
             )
+        return found
+
+    def validate(self, key: str = "model") -> None:
+        """Raise a ConfigError naming every problem of `problems`."""
+        self.problems(key).raise_if_any()
 
 
 class RMSNorm(nn.Module):
@@ -183,6 +194,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class LlamaAttention(nn.Module):
+    kernel_placement: Optional[KernelPlacement] = None
+    """The mesh a Pallas kernel runs on, given from outside (torchprime.attention.place_kernels)."""
+    offloaded: frozenset[str] = frozenset()
+    """Marked activations kept on the host, set from outside (torchprime.offload.activate)."""
+
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.cfg = cfg
@@ -202,9 +218,9 @@ class LlamaAttention(nn.Module):
         bias: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = offload_name(self.q_proj(x), "q_proj")
-        k = offload_name(self.k_proj(x), "k_proj")
-        v = offload_name(self.v_proj(x), "v_proj")
+        q = offload_name(self.q_proj(x), "q_proj", self.offloaded)
+        k = offload_name(self.k_proj(x), "k_proj", self.offloaded)
+        v = offload_name(self.v_proj(x), "v_proj", self.offloaded)
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -217,10 +233,11 @@ class LlamaAttention(nn.Module):
             out = eager_attention(q, k, v, self.cfg.is_causal, bias)
         else:
             out = tpu_attention(
-                kernel, q, k, v, self.cfg.is_causal, bias, self.cfg.attention_block_sizes
+                kernel, q, k, v, self.cfg.is_causal, bias, self.cfg.attention_block_sizes,
+                self.kernel_placement,
             )
         out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
-        return self.o_proj(offload_name(out, "attention_output"))
+        return self.o_proj(offload_name(out, "attention_output", self.offloaded))
 
 
 def repeat_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -290,6 +307,9 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
+    offloaded: frozenset[str] = frozenset()
+    """Marked activations kept on the host, set from outside (torchprime.offload.activate)."""
+
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -304,9 +324,9 @@ class LlamaDecoderLayer(nn.Module):
         sin: torch.Tensor,
         bias: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        x = offload_name(x, "decoder_input")
+        x = offload_name(x, "decoder_input", self.offloaded)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, bias)
-        x = offload_name(x, "mlp_input")
+        x = offload_name(x, "mlp_input", self.offloaded)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -364,6 +384,11 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
+
+    @property
+    def decoder_layers(self) -> LayerStack:
+        """The stack of identical decoder layers (what scan and per-layer remat act on)."""
+        return self.model.layers
 
     def tie_weights(self) -> None:
         """Share the embedding with the LM head again (`to_empty` unties them)."""

@@ -69,14 +69,16 @@ def estimate_activations(
     rows_per_device: float,
     seq_len: int,
     dtype_bytes: int,
+    layer_class: str,
 ) -> ActivationEstimate:
-    """Activation memory of one micro-batch of `rows_per_device` rows on one device."""
+    """Activation memory of one micro-batch of `rows_per_device` rows on one device;
+    `layer_class` names the decoder layer (whole-layer remat is recognized by it)."""
     tensor = mesh.shape["tensor"]
     tokens = int(rows_per_device * seq_len / mesh.shape["context"])
     counts = per_token_layer_elements(cfg, tensor, seq_len)
     layer = sum(counts.values()) * tokens * dtype_bytes
     layers = cfg.num_hidden_layers
-    rematerialized = "LlamaDecoderLayer" in remat.activation_checkpoint_layers
+    rematerialized = layer_class in remat.activation_checkpoint_layers
     offloaded = set(remat.offload_tensors) if remat.scan_layers else set()
     if rematerialized or offloaded:
         # Each layer keeps what the offload keeps (on the host) or its input; one layer is

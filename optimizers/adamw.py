@@ -35,6 +35,8 @@ class AdamW(Optimizer):
     - `update_rms_clip`: divide a tensor's update by max(1, RMS(update) / update_rms_clip),
       the per-tensor clipping of StableAdamW;
     - `state_dtype`: dtype of the moment estimates (None: the parameter's dtype);
+    - `traced`: the step is traced into one graph (XLA): updates out of place, the skip
+      decided on the device; otherwise (eager devices) in place, the skip read on the host;
     - `step(skip=...)`: a boolean device tensor; where it is true the step changes nothing
       (parameters, moments and step count keep their values) and is counted in
       `skipped_steps` and `consecutive_skips` (device tensors, reset by the next real step).
@@ -54,6 +56,7 @@ class AdamW(Optimizer):
         update_clip: Optional[float] = None,
         update_rms_clip: Optional[float] = None,
         state_dtype: Optional[torch.dtype] = None,
+        traced: bool = False,
     ):
         for name, value in (("update_clip", update_clip), ("update_rms_clip", update_rms_clip)):
             if value is not None and value <= 0:
@@ -68,6 +71,7 @@ class AdamW(Optimizer):
         )
         super().__init__(params, defaults)
         self.state_dtype = state_dtype
+        self.traced = traced
         device = self.param_groups[0]["params"][0].device
         # Counted on the device (int32): reading them would cost a host round trip per step.
         self.skipped_steps = torch.zeros((), dtype=torch.int32, device=device)
@@ -105,11 +109,11 @@ class AdamW(Optimizer):
         """The device tensors a checkpoint must carry besides the per-parameter state."""
         return {"skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips}
 
-    @staticmethod
-    def updates_in_place(p: torch.Tensor) -> bool:
-        """Update `p` and its moments in place, skipping on the host (eager devices), rather
-        than as one traced graph with the skip on the device (XLA)."""
-        return p.device.type != "xla"
+    @property
+    def in_place(self) -> bool:
+        """Update parameters and moments in place, skipping on the host (eager devices),
+        rather than as one traced graph with the skip on the device (XLA)."""
+        return not self.traced
 
     @torch.no_grad()
     def step(self, closure=None, skip: Optional[torch.Tensor] = None):  # noqa: D102
@@ -119,7 +123,7 @@ class AdamW(Optimizer):
                 loss = closure()
         first = self.param_groups[0]["params"][0]
         counted = False
-        if skip is not None and self.updates_in_place(first):
+        if skip is not None and self.in_place:
             # A host read: free on the CPU, one synchronization on CUDA.
             self._count_skip(skip)
             if bool(skip):
@@ -143,7 +147,7 @@ class AdamW(Optimizer):
                 if not state:
                     state.update(self._init_state(p))
                 new_state = None
-                if self.updates_in_place(p):
+                if self.in_place:
                     sqrt_v, bias_correction2_sqrt = self._moments_in_place(
                         p.grad, state, beta1, beta2
                     )
@@ -190,7 +194,7 @@ class AdamW(Optimizer):
         where it applies: every parameter updated in place, no clipping (the kernel never
         materializes the update), moments in the parameters' dtype. Returns whether it ran."""
         params = [p for p in group["params"] if p.grad is not None]
-        if not params or not all(self.updates_in_place(p) for p in params):
+        if not params or not self.in_place:
             return False
         for p in params:
             if not self.state[p]:

@@ -4,13 +4,23 @@ and changing it never recompiles the XLA graph."""
 from __future__ import annotations
 
 import math
+from enum import StrEnum
 from typing import Optional
 
 import torch
 
 from torchprime.errors import ConfigError
 
-SCHEDULES = ("constant", "cosine", "linear", "wsd")
+
+class ScheduleName(StrEnum):
+    """`trainer.lr_scheduler.name`: the decay after the linear warmup."""
+
+    constant = "constant"
+    cosine = "cosine"
+    linear = "linear"
+    wsd = "wsd"
+
+
 #: wsd's decay phase when neither decay_steps nor decay_fraction is given.
 DEFAULT_DECAY_FRACTION = 0.1
 
@@ -69,7 +79,5 @@ def lr_multiplier(
         into_decay = torch.clamp((s - (max_steps - n)) / n, 0.0, 1.0)
         decay = min_lr_ratio + (1 - min_lr_ratio) * (1 - into_decay)
     else:
-        raise ConfigError(
-            f"trainer.lr_scheduler.name={name!r}: choose one of {', '.join(SCHEDULES)}."
-        )
+        raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(ScheduleName)}")
     return warmup * decay

@@ -28,18 +28,36 @@ if HAS_XLA:
 requires_xla = pytest.mark.skipif(not HAS_XLA, reason="torch_xla is not installed")
 
 
-def run_train(*overrides: str, python_flags: tuple[str, ...] = (), timeout: int = 600):
-    """`python train.py OVERRIDES...` in a fresh process, as a user runs it."""
+def run_train(
+    *overrides: str,
+    python_flags: tuple[str, ...] = (),
+    timeout: int = 600,
+    script: str = "train.py",
+):
+    """`python train.py OVERRIDES...` in a fresh process, as a user runs it (`script`: another
+    entry point taking the same overrides)."""
     env = {k: v for k, v in os.environ.items() if k not in ("PJRT_DEVICE", "CPU_NUM_DEVICES")}
     env["WANDB_MODE"] = "offline"
     return subprocess.run(
-        [sys.executable, *python_flags, "train.py", *overrides],
+        [sys.executable, *python_flags, *script.split(), *overrides],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
         timeout=timeout,
     )
+
+
+def composed(*overrides: str):
+    """The run config Hydra composes from configs/ with `overrides`, as train.py would."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from train_config import register_schema
+
+    register_schema()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        return OmegaConf.to_object(compose("default", overrides=list(overrides)))
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -2,7 +2,10 @@
 
 Pallas kernels compile only for TPU. Asking for one elsewhere must fail before anything runs,
 not at the first forward pass, so `check_attention_kernel` runs at start-up; `tpu_attention`
-is what the model calls on TPU. torch_xla is imported inside the functions that run there.
+is what the model calls on TPU. A kernel runs shard by shard on the mesh: the model does not
+know the mesh, so `place_kernels` hands it (and the q/k/v spec of `model.sharding.qkv`) to the
+model's attention modules from outside. torch_xla is imported inside the functions that run
+there.
 
 Sequences are padded up to the kernels' block sizes (a causal model never attends to the
 padding, which comes after every real token) and the output is cut back.
@@ -11,14 +14,35 @@ padding, which comes after every real token) and the output is cut back.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from torchprime.errors import ConfigError
+from torchprime.mesh import Mesh, PartitionSpec
 
-TPU_KERNELS = ("flash", "splash")
+if TYPE_CHECKING:
+    from torchprime.backend.base import Backend
+
+
+class AttentionKernel(StrEnum):
+    """`model.attention_kernel`."""
+
+    eager = "eager"
+    """The math written out: the reference the others match."""
+    sdpa = "sdpa"
+    """torch.nn.functional.scaled_dot_product_attention."""
+    flash = "flash"
+    """torch_xla's Pallas flash attention (TPU only)."""
+    splash = "splash"
+    """torch_xla's Pallas splash attention (TPU only)."""
+
+
+TPU_KERNELS = (AttentionKernel.flash, AttentionKernel.splash)
 #: Block sizes each kernel takes (its defaults in torch_xla 2.9), settable by
 #: model.attention_block_sizes.
 BLOCK_SIZES = {
@@ -48,8 +72,30 @@ BLOCK_SIZES = {
 }
 #: The sequence (lane) granularity of the TPU kernels.
 LANE = 128
-#: [batch, heads, sequence, head_dim]: batch over the data-parallel axes, heads over tensor.
-QKV_SPEC = (("data", "fsdp"), "tensor", None, None)
+
+
+@dataclass(frozen=True)
+class KernelPlacement:
+    """Where a Pallas kernel runs: the mesh, and the spec of its [batch, heads, sequence,
+    head_dim] q, k and v (each device runs the kernel on its own shard)."""
+
+    backend: "Backend"
+    mesh: Mesh
+    qkv_spec: PartitionSpec
+
+    def __deepcopy__(self, memo: dict) -> "KernelPlacement":
+        return self  # immutable; a scan deep-copies its layer and must not copy the runtime
+
+
+def place_kernels(model: nn.Module, placement: KernelPlacement) -> int:
+    """Give every attention module of `model` (those with a `kernel_placement` attribute) the
+    placement its Pallas kernel runs with; returns how many there were."""
+    placed = 0
+    for module in model.modules():
+        if hasattr(module, "kernel_placement"):
+            module.kernel_placement = placement
+            placed += 1
+    return placed
 
 
 def block_sizes(kernel: str, overrides: dict[str, int]) -> dict[str, int]:
@@ -124,10 +170,14 @@ def tpu_attention(
     is_causal: bool,
     bias: Optional[torch.Tensor],
     overrides: dict[str, int],
+    placement: Optional[KernelPlacement],
 ) -> torch.Tensor:
     """softmax(q kᵀ / √D + bias) v on a TPU kernel; q, k, v: [B, H, T, D], same head count."""
-    import torch_xla.distributed.spmd as xs
-
+    if placement is None:
+        raise RuntimeError(
+            f"attention_kernel={kernel}: the kernel runs on a mesh, and this model was given "
+            "none (torchprime.attention.place_kernels; the trainer does it)."
+        )
     sizes = block_sizes(kernel, overrides)
     T = q.shape[2]
     padded = padded_length(kernel, sizes, T)
@@ -135,15 +185,15 @@ def tpu_attention(
         q, k, v = (F.pad(t, (0, 0, 0, padded - T)) for t in (q, k, v))
         if bias is not None:
             bias = F.pad(bias, (0, padded - T, 0, padded - T))
-    mesh = xs.get_global_mesh()
+    mesh = placement.backend.xla_mesh(placement.mesh)
     if kernel == "flash":
-        out = _flash(q, k, v, is_causal, bias, sizes, mesh)
+        out = _flash(q, k, v, is_causal, bias, sizes, mesh, placement.qkv_spec)
     else:
-        out = _splash(q, k, v, is_causal, sizes, mesh)
+        out = _splash(q, k, v, is_causal, sizes, mesh, placement.qkv_spec)
     return out[:, :, :T]
 
 
-def _flash(q, k, v, is_causal, bias, sizes, mesh):
+def _flash(q, k, v, is_causal, bias, sizes, mesh, spec):
     from torch_xla.experimental.custom_kernel import FlashAttention, flash_attention
 
     # torch_xla reads the block sizes from this class attribute at trace time.
@@ -157,18 +207,18 @@ def _flash(q, k, v, is_causal, bias, sizes, mesh):
         causal=is_causal,
         sm_scale=1.0 / math.sqrt(q.shape[-1]),
         ab=bias,
-        partition_spec=QKV_SPEC,
+        partition_spec=spec,
         mesh=mesh,
     )
 
 
-def _splash(q, k, v, is_causal, sizes, mesh):
+def _splash(q, k, v, is_causal, sizes, mesh, spec):
     from torch_xla.experimental.splash_attention import SplashAttentionConfig, splash_attention
 
     config = SplashAttentionConfig(
         mesh=str(mesh),
-        qkv_partition_spec=QKV_SPEC,
-        segment_ids_partition_spec=(QKV_SPEC[0], None),
+        qkv_partition_spec=spec,
+        segment_ids_partition_spec=(spec[0], spec[2]),
         **sizes,
     )
     # The kernel does not scale the scores itself.

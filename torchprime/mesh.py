@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Union
 
-from torchprime.errors import ConfigError
+from torchprime.errors import ConfigError, Problems
 
 #: Mesh axes in the order devices are laid out (the last varies fastest, so it is the one whose
 #: devices are nearest each other: tensor and context parallelism want the fastest links).
@@ -36,6 +36,19 @@ class MeshAxesConfig:
     """Tensor (model) parallelism: weight matrices split along their hidden dimensions."""
     context: int = 1
     """Context parallelism: the sequence split."""
+
+    def problems(self, key: str, allow_fill: bool) -> Problems:
+        """Sizes that are not positive (or -1 on one axis, where `allow_fill`)."""
+        found = Problems()
+        sizes = axes_tuple(self)
+        for axis, n in zip(AXES, sizes):
+            allowed = "positive integers, or -1 on one axis" if allow_fill else "positive integers"
+            found.check(
+                n >= 1 or (allow_fill and n == -1), f"{key}.{axis}={n}: mesh axis sizes are {allowed}."
+            )
+        wild = [a for a, n in zip(AXES, sizes) if n == -1]
+        found.check(len(wild) <= 1, f"{key}: only one axis may be -1, got {wild}.")
+        return found
 
 
 @dataclass(frozen=True)
@@ -81,16 +94,6 @@ def axes_tuple(cfg: MeshAxesConfig) -> tuple[int, ...]:
     return tuple(getattr(cfg, a) for a in AXES)
 
 
-def _check_sizes(sizes: tuple[int, ...], key: str, allow_fill: bool) -> None:
-    for axis, n in zip(AXES, sizes):
-        if n < 1 and not (allow_fill and n == -1):
-            allowed = "positive integers, or -1 on one axis" if allow_fill else "positive integers"
-            raise ConfigError(f"{key}.{axis}={n}: mesh axis sizes are {allowed}.")
-    wild = [a for a, n in zip(AXES, sizes) if n == -1]
-    if len(wild) > 1:
-        raise ConfigError(f"{key}: only one axis may be -1, got {wild}.")
-
-
 def resolve_mesh(ici: MeshAxesConfig, dcn: MeshAxesConfig, num_devices: int | None) -> Mesh:
     """The mesh the config asks for, checked against the devices there are.
 
@@ -99,8 +102,9 @@ def resolve_mesh(ici: MeshAxesConfig, dcn: MeshAxesConfig, num_devices: int | No
     is not applied); a -1 then counts as 1.
     """
     ici_sizes, dcn_sizes = axes_tuple(ici), axes_tuple(dcn)
-    _check_sizes(ici_sizes, "ici_mesh", allow_fill=True)
-    _check_sizes(dcn_sizes, "dcn_mesh", allow_fill=False)
+    found = ici.problems("ici_mesh", allow_fill=True)
+    found += dcn.problems("dcn_mesh", allow_fill=False)
+    found.raise_if_any()
     if -1 in ici_sizes:
         known = math.prod(n for n in ici_sizes if n != -1) * math.prod(dcn_sizes)
         if num_devices is None:

@@ -1,7 +1,8 @@
 """Host offload of named activations inside a scanned layer stack.
 
-A model marks the activations worth offloading with `offload_name(t, "name")` (an identity
-op the tracer keeps). When `model.remat.offload_tensors` lists some of those names, the scan
+A model marks the activations worth offloading with `offload_name(t, "name", self.offloaded)`
+(an identity op the tracer keeps, emitted only for the names in the module's `offloaded` set,
+which `activate` fills from outside). When `model.remat.offload_tensors` lists names, the scan
 partitions each layer's forward/backward graph with `offload_partition`: the marked tensors
 are the only activations kept for the backward pass, each sent to host memory in the forward
 and brought back in the backward; everything else is recomputed from them and the weights.
@@ -15,10 +16,7 @@ import functools
 from typing import Callable
 
 import torch
-from torch import fx
-
-_ACTIVE: frozenset[str] = frozenset()
-"""Marker names that emit the marker op; other markers return their input untouched."""
+from torch import fx, nn
 
 
 @torch.library.custom_op("torchprime::offload_name", mutates_args=())
@@ -34,17 +32,20 @@ def _(t: torch.Tensor, name: str) -> torch.Tensor:
 _offload_name.register_autograd(lambda ctx, grad: (grad, None))
 
 
-def offload_name(t: torch.Tensor, name: str) -> torch.Tensor:
-    """Mark `t` as the activation called `name`: identity, and free when offload is off."""
-    if name not in _ACTIVE:
+def offload_name(t: torch.Tensor, name: str, active: frozenset[str]) -> torch.Tensor:
+    """Mark `t` as the activation called `name` when `name` is `active`: an identity, and
+    free (not even an op) otherwise."""
+    if name not in active:
         return t
     return _offload_name(t, name)
 
 
-def set_active(names: list[str]) -> None:
-    """Make the markers called `names` visible to the partitioner (and only those)."""
-    global _ACTIVE
-    _ACTIVE = frozenset(names)
+def activate(model: nn.Module, names: frozenset[str]) -> None:
+    """Make the markers called `names` (and only those) visible to the partitioner: every
+    module of `model` that marks activations (has an `offloaded` attribute) gets the set."""
+    for module in model.modules():
+        if hasattr(module, "offloaded"):
+            module.offloaded = frozenset(names)
 
 
 def marked_nodes(graph: fx.Graph, names: frozenset[str]) -> list[fx.Node]:

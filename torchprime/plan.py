@@ -19,12 +19,6 @@ from torchprime.mesh import Mesh, PartitionSpec
 #: Optimizer state tensors of AdamW per parameter, each the parameter's shape.
 ADAM_MOMENTS = 2
 
-#: High-bandwidth memory per chip (GiB), from Cloud TPU's published system specs.
-TPU_HBM_GIB = {"v4": 32.0, "v5e": 16.0, "v5p": 95.0, "v6e": 32.0}
-
-#: Chips per TPU VM host on multi-host slices (v4, v5e, v5p and v6e pods alike).
-TPU_CHIPS_PER_HOST = 4
-
 
 @dataclass(frozen=True)
 class ParameterPlan:

@@ -20,7 +20,6 @@ Each name must match something in the model; the error lists the closest real na
 
 from __future__ import annotations
 
-import difflib
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -30,7 +29,7 @@ from torch import nn
 
 from torchprime import offload
 from torchprime.backend.base import Backend
-from torchprime.errors import ConfigError
+from torchprime.errors import ConfigError, closest
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +55,6 @@ class RematConfig:
     """Refuse to start where host offload cannot run, instead of warning and running without."""
 
 
-def _closest(name: str, candidates: list[str]) -> str:
-    close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.4)
-    return ", ".join(close) if close else "(none alike)"
-
-
 def check_remat(model: nn.Module, cfg: RematConfig, key: str = "model.remat") -> None:
     """Every path and class name in `cfg` names something in `model`."""
     classes = sorted({type(m).__name__ for m in model.modules()})
@@ -69,7 +63,7 @@ def check_remat(model: nn.Module, cfg: RematConfig, key: str = "model.remat") ->
             if name not in classes:
                 raise ConfigError(
                     f"{key}.{list_key}: no module of class {name!r} in the model. Closest "
-                    f"classes: {_closest(name, classes)}."
+                    f"classes: {closest(name, classes)}."
                 )
     if cfg.offload_tensors:
         known = list(getattr(model, "offload_names", ()))
@@ -77,7 +71,7 @@ def check_remat(model: nn.Module, cfg: RematConfig, key: str = "model.remat") ->
             if name not in known:
                 raise ConfigError(
                     f"{key}.offload_tensors: the model marks no activation {name!r}. Closest: "
-                    f"{_closest(name, known)} (all: {', '.join(known) or 'none'})."
+                    f"{closest(name, known)} (all: {', '.join(known) or 'none'})."
                 )
         if cfg.scan_layers is None:
             raise ConfigError(
@@ -100,7 +94,7 @@ def _stack(model: nn.Module, path: str, key: str) -> nn.ModuleList:
         stack = model.get_submodule(path)
     except AttributeError:
         raise ConfigError(
-            f"{key}.scan_layers={path!r}: no such module. Closest paths: {_closest(path, paths)}."
+            f"{key}.scan_layers={path!r}: no such module. Closest paths: {closest(path, paths)}."
         ) from None
     if not isinstance(stack, nn.ModuleList) or type(stack).forward is nn.ModuleList.forward:
         raise ConfigError(
@@ -145,6 +139,7 @@ def apply_rewriting(model: nn.Module, cfg: RematConfig, backend: Backend) -> Non
         if name in cfg.activation_checkpoint_layers and name != scanned_class:
             _checkpoint_forward(module, backend)
     offloaded = _offloaded(cfg, backend)
+    offload.activate(model, offloaded)
     if cfg.scan_layers is not None:
         stack = _stack(model, cfg.scan_layers, "model.remat")
         remat = scanned_class in cfg.activation_checkpoint_layers
@@ -164,7 +159,7 @@ def apply_rewriting(model: nn.Module, cfg: RematConfig, backend: Backend) -> Non
 
 
 def _offloaded(cfg: RematConfig, backend: Backend) -> frozenset[str]:
-    """The activation names to offload on this backend (and the model's markers set to match)."""
+    """The activation names to offload on this backend."""
     names = frozenset(cfg.offload_tensors)
     if names and not backend.supports_host_offload:
         where = f"{backend.name} ({backend.device_kind})"
@@ -180,7 +175,6 @@ def _offloaded(cfg: RematConfig, backend: Backend) -> frozenset[str]:
             where,
         )
         names = frozenset()
-    offload.set_active(sorted(names))
     return names
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -25,7 +24,7 @@ import torch
 from torch import nn
 
 from torchprime.backend.base import Backend
-from torchprime.errors import ConfigError
+from torchprime.errors import ConfigError, Problems, closest
 from torchprime.mesh import AXES, Mesh, PartitionSpec
 
 #: The input batch [batch, sequence]: rows split over every data-parallel axis.
@@ -41,6 +40,9 @@ class ShardingConfig:
     activations: dict[str, Any] = field(default_factory=dict)
     """Module name pattern (with `[i]` for element i of a tuple output) → partition spec of
     that module's output and of the gradient flowing back through it."""
+    qkv: list[Any] = field(default_factory=lambda: [["data", "fsdp"], "tensor", None, None])
+    """Spec of the [batch, heads, sequence, head_dim] queries, keys and values a Pallas
+    attention kernel (flash, splash) runs on, each device on its own shard."""
 
 
 def pattern_regex(pattern: str) -> re.Pattern[str]:
@@ -78,13 +80,8 @@ def _matching(pattern: str, names: list[str], where: str, kind: str) -> list[str
     regex = pattern_regex(pattern)
     matched = [name for name in names if regex.match(name)]
     if not matched:
-        raise ConfigError(f"{where} matches no {kind}. Closest names: {_closest(pattern, names)}.")
+        raise ConfigError(f"{where} matches no {kind}. Closest names: {closest(pattern, names)}.")
     return matched
-
-
-def _closest(name: str, candidates: Iterable[str], n: int = 3) -> str:
-    close = difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.4)
-    return ", ".join(close) if close else "(none alike)"
 
 
 def plan_parameter_specs(
@@ -99,26 +96,40 @@ def plan_parameter_specs(
     # pattern may name either; they must not be given different layouts.
     params = dict(model.named_parameters(remove_duplicate=False))
     specs: dict[str, PartitionSpec] = {}
+    found = Problems()  # every pattern's first problem, so one run reports them all
     for pattern, raw in cfg.parameters.items():
-        where = f"{key}[{pattern!r}]"
-        spec = parse_spec(raw, where)
-        for name in _matching(pattern, list(params), where, "parameter"):
-            shape = tuple(params[name].shape)
-            if len(spec) != len(shape):
-                raise ConfigError(
-                    f"{where}: spec {list(raw)} has {len(spec)} entries but {name} has "
-                    f"{len(shape)} dimensions {list(shape)}."
-                )
-            for dim, (size, entry) in enumerate(zip(shape, spec)):
-                if size % mesh.size(entry):
-                    raise ConfigError(
-                        f"{where}: {name} dimension {dim} has size {size}, which "
-                        f"{_show_entry(entry)} (mesh size {mesh.size(entry)}) does not divide."
-                    )
-            if name in specs and specs[name] != spec:
-                raise ConfigError(f"{where}: {name} is already sharded by another pattern.")
-            specs[name] = spec
+        found.attempt(_plan_pattern, pattern, raw, params, mesh, specs, key)
+    found.raise_if_any()
     return _unify_tied(params, specs, key)
+
+
+def _plan_pattern(
+    pattern: str,
+    raw: Any,
+    params: dict[str, torch.nn.Parameter],
+    mesh: Mesh,
+    specs: dict[str, PartitionSpec],
+    key: str,
+) -> None:
+    """Add the specs `pattern` gives to `specs`, or raise its first problem."""
+    where = f"{key}[{pattern!r}]"
+    spec = parse_spec(raw, where)
+    for name in _matching(pattern, list(params), where, "parameter"):
+        shape = tuple(params[name].shape)
+        if len(spec) != len(shape):
+            raise ConfigError(
+                f"{where}: spec {list(raw)} has {len(spec)} entries but {name} has "
+                f"{len(shape)} dimensions {list(shape)}."
+            )
+        for dim, (size, entry) in enumerate(zip(shape, spec)):
+            if size % mesh.size(entry):
+                raise ConfigError(
+                    f"{where}: {name} dimension {dim} has size {size}, which "
+                    f"{_show_entry(entry)} (mesh size {mesh.size(entry)}) does not divide."
+                )
+        if name in specs and specs[name] != spec:
+            raise ConfigError(f"{where}: {name} is already sharded by another pattern.")
+        specs[name] = spec
 
 
 def _unify_tied(
@@ -161,14 +172,22 @@ def plan_activation_specs(
     """The module outputs to annotate, after checking every pattern matches a module."""
     modules = [name for name, _ in model.named_modules() if name]
     plans: list[ActivationSpec] = []
+    found = Problems()
     for raw_pattern, raw in cfg.activations.items():
-        where = f"{key}[{raw_pattern!r}]"
-        parts = _OUTPUT_INDEX.match(raw_pattern)
-        pattern, index = parts["pattern"], parts["index"]
-        spec = parse_spec(raw, where)
-        for name in _matching(pattern, modules, where, "module"):
-            plans.append(ActivationSpec(name, None if index is None else int(index), spec, raw_pattern))
+        found.attempt(_plan_activation, raw_pattern, raw, modules, plans, key)
+    found.raise_if_any()
     return plans
+
+
+def _plan_activation(
+    raw_pattern: str, raw: Any, modules: list[str], plans: list[ActivationSpec], key: str
+) -> None:
+    where = f"{key}[{raw_pattern!r}]"
+    parts = _OUTPUT_INDEX.match(raw_pattern)
+    pattern, index = parts["pattern"], parts["index"]
+    spec = parse_spec(raw, where)
+    for name in _matching(pattern, modules, where, "module"):
+        plans.append(ActivationSpec(name, None if index is None else int(index), spec, raw_pattern))
 
 
 def shard_activations(
@@ -226,12 +245,27 @@ def replicated(specs: dict[str, PartitionSpec]) -> list[str]:
     return [name for name, spec in specs.items() if all(e is None for e in spec)]
 
 
-def check_batch_divisible(global_batch_size: int, mesh: Mesh) -> None:
-    """The batch rows must split evenly over the data-parallel axes."""
+def micro_batch_rows(global_batch_size: int, grad_accum_steps: int, mesh: Mesh, hosts: int) -> int:
+    """The rows of one micro-batch on one host. The global batch must split into
+    grad_accum_steps micro-batches, each over the data-parallel devices and over the hosts."""
     ways = mesh.size(BATCH_SPEC[0])
-    if global_batch_size % ways:
+    parts = grad_accum_steps * ways
+    if global_batch_size % parts or global_batch_size % (grad_accum_steps * hosts):
+        hosts_text = f" and {hosts} hosts" if hosts > 1 else ""
         raise ConfigError(
-            f"trainer.global_batch_size={global_batch_size} does not split over the "
-            f"{ways} data-parallel devices (data x fsdp) of mesh {mesh.describe()}."
+            f"trainer.global_batch_size={global_batch_size} does not split into "
+            f"trainer.grad_accum_steps={grad_accum_steps} micro-batches over the {ways} "
+            f"data-parallel devices (data x fsdp) of mesh {mesh.describe()}{hosts_text}: it must "
+            f"be a multiple of {parts if global_batch_size % parts else grad_accum_steps * hosts}."
         )
+    return global_batch_size // hosts // grad_accum_steps
 
+
+def qkv_spec(cfg: ShardingConfig, key: str = "model.sharding.qkv") -> PartitionSpec:
+    """The Pallas kernels' q/k/v spec, checked: one entry per [batch, heads, sequence, dim]."""
+    spec = parse_spec(cfg.qkv, key)
+    if len(spec) != 4:
+        raise ConfigError(
+            f"{key}={list(cfg.qkv)}: a spec of [batch, heads, sequence, head_dim] has 4 entries."
+        )
+    return spec

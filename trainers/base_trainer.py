@@ -4,98 +4,51 @@ One step is one graph on XLA: forward and backward over every micro-batch, gradi
 the lr from the schedule (computed on the device), the optimizer update, which a non-finite
 gradient turns into a no-op on the device. Metrics are read in step closures, after the step's
 graph has run, so logging never adds a host-device round trip inside a step, and steps that log
-trace exactly the same graph as steps that do not. Checkpoints and resuming: `restore` (before
-`train`) and `save`; SIGTERM (a TPU preemption) ends the run after the current step, saved.
+trace exactly the same graph as steps that do not.
+
+The trainer is given what it works with: the model, the backend and mesh, this host's batches,
+a checkpoint manager (saving, resuming) and a metrics logger (metrics.jsonl, wandb, progress,
+the summary), and callbacks that watch each step (profiler, graph dumps). It is itself what a
+checkpoint holds (`checkpoint_tensors`, `host_state`).
 """
 
 from __future__ import annotations
 
 import base64
 import logging
-import os
-import signal
-import sys
-import threading
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from optimizers.adamw import AdamW
-from optimizers.groups import no_decay, param_groups  # noqa: F401 - no_decay re-exported
-from optimizers.schedules import SCHEDULES, lr_multiplier, wsd_decay_steps
+from optimizers.groups import param_groups
+from optimizers.schedules import lr_multiplier
 from torchprime.backend.base import Backend
-from torchprime.recompile import RecompileError, RecompileGuard
 from torchprime.errors import ConfigError
 from torchprime.mesh import Mesh
+from torchprime.recompile import RecompileError, RecompileGuard
 from torchprime.sharding import BATCH_SPEC
-from trainers.checkpoint import (
-    CorruptCheckpoint,
-    describe_incomplete,
-    is_complete,
-    load_checkpoint,
-    save_checkpoint,
-    step_dirs,
-)
-from trainers.config import DebugConfig, ProfileConfig, TrainerConfig
+from trainers.callbacks import StepCallback
+from trainers.checkpoint_manager import CheckpointManager
+from trainers.config import TrainerConfig
 from trainers.data_position import TrackedBatches
-from trainers.hosts import (
-    any_host,
-    barrier,
-    broadcast_from_coordinator,
-    gather_from_hosts,
-    is_coordinator,
-)
-from trainers.metrics import MetricsFile, model_flops_per_token, peak_flops, truncate_metrics
-from trainers.profiling import GraphDumper, StepProfiler
+from trainers.hosts import barrier
+from trainers.metrics_logger import MetricsLogger, TrainSummary
+from trainers.preemption import Preemption
 
 log = logging.getLogger(__name__)
-
-STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-#: Test hook: send this process SIGTERM in the middle of that step (as a preemption would).
-SIGTERM_AT_STEP_ENV = "TORCHPRIME_TEST_SIGTERM_AT_STEP"
 
 
 class TrainingError(RuntimeError):
     """The run cannot go on; the message says why and what to try."""
 
 
-@dataclass
-class TrainSummary:
-    """What a finished (or stopped) run reports, and train.py prints."""
-
-    steps: int
-    """The last step done (counting the steps of the runs this one resumed)."""
-    max_steps: int
-    start_step: int
-    """The step this process started after (0, or the resumed checkpoint's)."""
-    first_loss: Optional[float]
-    last_loss: Optional[float]
-    tokens_per_sec: float
-    """Over the steps after the first one of this process (which includes compilation)."""
-    elapsed_s: float
-    compiles: Optional[int]
-    metrics_path: Path
-    checkpoint: Optional[Path]
-    resumed_from: Optional[Path] = None
-    stopped: Optional[str] = None
-    """Why the run stopped before max_steps (SIGTERM, trainer.stop_at_step), if it did."""
-    skipped_steps: int = 0
-    hf_export: Optional[Path] = None
-
-
-def build_optimizer(model: nn.Module, cfg: TrainerConfig) -> AdamW:
+def build_optimizer(model: nn.Module, cfg: TrainerConfig, backend: Backend) -> AdamW:
     opt = cfg.optimizer
-    if opt.state_dtype is not None and opt.state_dtype not in STATE_DTYPES:
-        raise ConfigError(
-            f"trainer.optimizer.state_dtype={opt.state_dtype!r}: choose "
-            f"{', '.join(STATE_DTYPES)} or null."
-        )
     return AdamW(
         param_groups(model, opt.weight_decay, dict(opt.lr_multipliers)),
         lr=opt.lr,
@@ -103,29 +56,9 @@ def build_optimizer(model: nn.Module, cfg: TrainerConfig) -> AdamW:
         eps=opt.eps,
         update_clip=opt.update_clip,
         update_rms_clip=opt.update_rms_clip,
-        state_dtype=STATE_DTYPES.get(opt.state_dtype) if opt.state_dtype else None,
+        state_dtype=opt.state_dtype.torch if opt.state_dtype else None,
+        traced=backend.is_xla,
     )
-
-
-class _Preemption:
-    """Notes SIGTERM instead of dying at once, so the loop can finish the step and save."""
-
-    def __init__(self):
-        self.received = False
-        self._previous: Any = None
-
-    def __enter__(self) -> "_Preemption":
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.received = True
-        log.warning("SIGTERM received: finishing the current step, then saving and stopping")
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
 
 
 class BaseTrainer:
@@ -137,28 +70,20 @@ class BaseTrainer:
         mesh: Mesh,
         batches: Iterable[dict[str, torch.Tensor]],
         output_dir: Path,
-        tokens_per_step: int,
-        seq_len: Optional[int] = None,
-        loggers: Sequence[Any] = (),
+        checkpoints: CheckpointManager,
+        metrics: MetricsLogger,
+        callbacks: Sequence[StepCallback] = (),
     ):
-        sched = cfg.lr_scheduler
-        if sched.name not in SCHEDULES:
-            raise ConfigError(
-                f"trainer.lr_scheduler.name={sched.name!r}: choose one of {', '.join(SCHEDULES)}."
-            )
-        if sched.name == "wsd":
-            wsd_decay_steps(
-                cfg.max_steps, sched.warmup_steps, sched.decay_steps, sched.decay_fraction
-            )
         self.cfg = cfg
+        self.output_dir = output_dir
         self.model = model
         self.backend = backend
         self.mesh = mesh
         self.data = TrackedBatches(batches)
-        self.output_dir = output_dir
-        self.tokens_per_step = tokens_per_step
-        self.loggers = list(loggers)
-        self.optimizer = build_optimizer(model, cfg)
+        self.checkpoints = checkpoints
+        self.metrics = metrics
+        self.callbacks = list(callbacks)
+        self.optimizer = build_optimizer(model, cfg, backend)
         # All optimizer state now, laid out like the parameters, and the schedule's step count
         # (on the device: the lr schedule reads it inside the graph). Materialized here, the
         # first step traces the same graph as every later one, and a checkpoint has tensors to
@@ -168,19 +93,7 @@ class BaseTrainer:
         backend.sync()
         self.start_step = 0
         self.resumed_from: Optional[Path] = None
-        self.metrics_path = output_dir / "metrics.jsonl"
-        self.metrics: Optional[MetricsFile] = None
-        self.flops_per_token = model_flops_per_token(model, seq_len) if seq_len else None
-        self.peak_flops = peak_flops(backend.device_kind, cfg.peak_flops_per_device)
-        self._losses: list[float] = []
-        self._skipped = 0
         self._abort: Optional[str] = None
-        self._window_start = (0, 0.0)  # (step, time) of the previous logged step
-        self._steady_start: Optional[tuple[int, float]] = None
-        self._bar: Optional[tqdm] = None
-        # Off unless train.py configures them (the run's profile and debug blocks).
-        self.profiler = StepProfiler(ProfileConfig(), backend, output_dir)
-        self.graph_dumper = GraphDumper(DebugConfig(), backend, output_dir, 0)
         if cfg.compile and backend.is_xla:
             log.warning("trainer.compile=true is ignored on XLA, which compiles the whole step")
         elif cfg.compile:
@@ -271,8 +184,8 @@ class BaseTrainer:
         metrics["consecutive_skips"] = self.optimizer.consecutive_skips
         return metrics
 
-    # -- checkpoints -----------------------------------------------------------------------
-    def training_state(self) -> dict[str, Any]:
+    # -- what a checkpoint holds -------------------------------------------------------------
+    def checkpoint_tensors(self) -> dict[str, Any]:
         """The tensors a checkpoint holds: the model, the optimizer state keyed by parameter
         name (not position, so a checkpoint survives reordered parameter groups), and the
         device counters. The tensors themselves: loading writes into them."""
@@ -293,95 +206,7 @@ class BaseTrainer:
             },
         }
 
-    def save(self, step: int) -> Path:
-        before = self.backend.compile_count()
-        started = time.perf_counter()
-        path = save_checkpoint(
-            self.output_dir / "checkpoints", step, self.training_state(), self.backend,
-            self.host_state(), keep=self.cfg.checkpoint.keep,
-        )
-        compiles = ""
-        if before is not None:
-            compiles = f", {self.backend.compile_count() - before} compilations"
-        log.info("checkpoint: step %d saved to %s (%.2f s%s)", step, path,
-                 time.perf_counter() - started, compiles)
-        return path
-
-    def restore(self) -> Optional[Path]:
-        """Load the checkpoint `trainer.resume` asks for, before `train`; returns it (None:
-        start from step 0). Truncates metrics.jsonl to the steps the checkpoint has seen."""
-        mode = self.cfg.resume
-        if mode == "never":
-            return None
-        root = self.output_dir / "checkpoints"
-        if mode == "auto":
-            incomplete = describe_incomplete(root)
-            if incomplete:
-                log.warning("resume: skipping incomplete checkpoints in %s: %s", root,
-                            ", ".join(incomplete))
-            # Every host loads the same checkpoint: the coordinator's view of the folder.
-            candidates = broadcast_from_coordinator([p for p in step_dirs(root) if is_complete(p)])
-        else:
-            path = Path(mode)
-            if not path.is_dir():
-                raise ConfigError(f"trainer.resume={mode}: no such checkpoint folder.")
-            candidates = [path]
-        failed = []
-        for path in candidates:
-            before = self.backend.compile_count()
-            problem = None
-            try:
-                record = load_checkpoint(path, self.training_state(), self.backend)
-            except CorruptCheckpoint as e:
-                problem = str(e)
-            # One host that cannot load it is enough to skip it on all of them.
-            problem = next((p for p in gather_from_hosts(problem) if p is not None), None)
-            if problem is not None:
-                if mode != "auto":
-                    raise ConfigError(f"trainer.resume={mode}: cannot load it: {problem}.")
-                log.warning("resume: skipping %s, which cannot be loaded: %s", path, problem)
-                failed.append(path.name)
-                continue
-            self._apply_host_state(record)
-            # Materialize what was loaded now, as one small graph, not inside the first step.
-            self.backend.sync()
-            self.backend.wait_device_ops()
-            compiles = ""
-            if before is not None:
-                compiles = f", {self.backend.compile_count() - before} compilations"
-            self.start_step = int(record["step"])
-            self.resumed_from = path
-            dropped = 0
-            if is_coordinator():
-                self._set_aside_newer_checkpoints(root)
-                dropped = truncate_metrics(self.metrics_path, self.start_step)
-            barrier()
-            log.info("resume: continuing after step %d from %s (%d metrics records after it "
-                     "dropped%s)", self.start_step, path, dropped, compiles)
-            return path
-        if failed:
-            raise ConfigError(
-                f"trainer.resume=auto: no checkpoint in {root} can be loaded ({', '.join(failed)}"
-                "); move them away to start over, or point trainer.resume at a good one."
-            )
-        if is_coordinator():
-            truncate_metrics(self.metrics_path, 0)
-        barrier()
-        log.info("resume: no checkpoint in %s; starting from step 0", root)
-        return None
-
-    def _set_aside_newer_checkpoints(self, root: Path) -> None:
-        """Checkpoints after the resumed step (damaged ones auto skipped, or a later timeline
-        when resuming an earlier checkpoint on purpose) are renamed out of the way, so neither
-        the next resume nor the pruning of old checkpoints takes them for this run's."""
-        for path in step_dirs(root):
-            if int(path.name.removeprefix("step_")) > self.start_step:
-                aside = path.with_name(f"{path.name}.after-resume-{time.strftime('%Y%m%d-%H%M%S')}")
-                path.rename(aside)
-                log.warning("resume: %s is newer than the resumed step %d; renamed to %s",
-                            path.name, self.start_step, aside.name)
-
-    def _apply_host_state(self, record: dict[str, Any]) -> None:
+    def load_host_state(self, record: dict[str, Any]) -> None:
         if "batches_consumed" not in record:
             # No host record (another host count, say): the steps say how far the data went.
             record = {**record, "batches_consumed": record["step"] * self.cfg.grad_accum_steps}
@@ -393,74 +218,47 @@ class BaseTrainer:
         if rng.get("device") is not None:
             self.backend.set_rng_state(rng["device"])
 
-    # -- the loop --------------------------------------------------------------------------
-    @property
-    def show_bar(self) -> bool:
-        """A bar on a terminal; logged lines instead in files and pod logs (no terminal)."""
-        return self.cfg.progress_bar and sys.stderr.isatty()
+    def restore(self) -> Optional[Path]:
+        """Load the checkpoint `trainer.resume` asks for, before `train`; returns it (None:
+        start from step 0). metrics.jsonl keeps only the steps the checkpoint has seen."""
+        restored = self.checkpoints.restore(self)
+        if self.checkpoints.resume == "never":
+            return None
+        step = restored.step if restored else 0
+        dropped = self.metrics.truncate(step)
+        barrier()
+        if restored is None:
+            return None
+        self.start_step, self.resumed_from = step, restored.path
+        log.info("resume: continuing after step %d from %s (%d metrics records after it "
+                 "dropped%s)", step, restored.path, dropped, restored.compiles)
+        return restored.path
 
-    def should_log(self, step: int) -> bool:
-        return (
-            step == self.start_step + 1
-            or step % self.cfg.logging_steps == 0
-            or step == self.cfg.max_steps
-        )
-
-    def should_checkpoint(self, step: int) -> bool:
-        ckpt = self.cfg.checkpoint
-        if ckpt.interval and step % ckpt.interval == 0:
-            return True
-        return ckpt.save_at_end and step == self.cfg.max_steps
-
+    # -- the loop ----------------------------------------------------------------------------
     def train(self) -> TrainSummary:
+        """Steps from the one after `start_step` to trainer.max_steps (or until stopped)."""
         self.model.train()
-        # One metrics file for the run, from the coordinator (the loss is global already).
-        self.metrics = MetricsFile(self.metrics_path) if is_coordinator() else None
         batches = self.backend.device_loader(self.data, self.mesh, BATCH_SPEC)
-        sigterm_at = int(os.environ.get(SIGTERM_AT_STEP_ENV, "0"))
-        start = time.perf_counter()
-        self._window_start = (self.start_step, start)
-        last_checkpoint, stopped, step = None, None, self.start_step
-        self._bar = tqdm(
-            total=self.cfg.max_steps, initial=self.start_step, desc="train", unit="step",
-            disable=not self.show_bar,
-        )
         guard = RecompileGuard(
             self.backend,
             warmup_steps=self.start_step + self.cfg.recompile_warmup_steps,
             fail=self.cfg.fail_on_recompile,
             dump_dir=self.output_dir / "recompiles",
         )
-        failed = True
+        started = time.perf_counter()
+        self.metrics.start(self.start_step, self.cfg.max_steps)
+        last_checkpoint, stopped, step, failed = None, None, self.start_step, True
         try:
-            with _Preemption() as preemption:
+            with Preemption() as preemption:
                 for step in range(self.start_step + 1, self.cfg.max_steps + 1):
-                    micro_batches = [next(batches) for _ in range(self.cfg.grad_accum_steps)]
-                    self.data.mark_consumed(len(micro_batches))
-                    self.profiler.step_begins(step)
-                    metrics = self.train_step(micro_batches)
-                    if step == sigterm_at:
-                        os.kill(os.getpid(), signal.SIGTERM)
-                    if step < self.cfg.max_steps:  # at the last step the run ends anyway
-                        # All hosts stop after the same step (the save is collective), even
-                        # when the signal reached some of them a step later.
-                        if any_host(preemption.received):
-                            stopped = "SIGTERM"
-                        elif step == self.cfg.stop_at_step:
-                            stopped = f"trainer.stop_at_step={step}"
-                    if self.should_log(step) or stopped:
-                        self.backend.add_step_closure(self._log_step, (step, metrics))
-                    step_outputs = [metrics["loss"], *self.model.parameters()]
-                    guard.before_sync(step, step_outputs)
-                    self.graph_dumper.before_sync(step, step_outputs)
-                    self.backend.sync()
-                    self.profiler.step_done(step)
-                    self._bar.update(1)
-                    if self._abort:
-                        raise TrainingError(self._abort)
-                    saving = self.should_checkpoint(step) or bool(stopped)
+                    metrics = self._run_step(step, batches)
+                    stopped = self._stop_reason(step, preemption)
+                    if stopped or self._should_log(step):
+                        self.backend.add_step_closure(self._on_metrics, (step, metrics))
+                    self._launch(step, [metrics["loss"], *self.model.parameters()], guard)
+                    saving = self.checkpoints.should_save(step, self.cfg.max_steps) or bool(stopped)
                     if saving:
-                        last_checkpoint = self.save(step)
+                        last_checkpoint = self.checkpoints.save(step, self)
                     try:
                         guard.after_step(step, "the checkpoint save" if saving else "")
                     except RecompileError as e:
@@ -472,55 +270,62 @@ class BaseTrainer:
                 self.backend.wait_device_ops()
             failed = False
         finally:
-            self.profiler.stop()
-            self._bar.close()
-            if self.metrics is not None:
-                self.metrics.close()
-            for logger in self.loggers:
-                logger.close(failed=failed)
-        hf = None
-        if self.cfg.export_hf and not stopped:
-            hf = self.output_dir / "hf"
-            # The values of the last step, not of a graph still running.
-            self.backend.sync()
-            self.backend.wait_device_ops()
-            if self.backend.process_index == 0:
-                self.export_hf(hf)
-                log.info("export: HF folder written to %s", hf)
-        return self._summary(step, time.perf_counter() - start, last_checkpoint, stopped, hf)
+            for callback in self.callbacks:
+                callback.close()
+            self.metrics.close(failed=failed)
+        hf = self._export_at_end() if self.cfg.export_hf and not stopped else None
+        return self.metrics.summary(
+            steps=step, max_steps=self.cfg.max_steps, start_step=self.start_step,
+            tokens_per_sec=self.metrics.steady_tokens_per_sec(
+                self.start_step, step, time.perf_counter() - started
+            ),
+            elapsed_s=time.perf_counter() - started, checkpoint=last_checkpoint,
+            resumed_from=self.resumed_from, stopped=stopped, hf_export=hf,
+        )
 
-    def _log_step(self, step: int, metrics: dict[str, torch.Tensor]) -> None:
+    def _run_step(
+        self, step: int, batches: Iterator[dict[str, torch.Tensor]]
+    ) -> dict[str, torch.Tensor]:
+        """Take the step's micro-batches and trace (XLA) or run (eager) the step."""
+        for callback in self.callbacks:
+            callback.step_begins(step)
+        micro_batches = [next(batches) for _ in range(self.cfg.grad_accum_steps)]
+        self.data.mark_consumed(len(micro_batches))
+        return self.train_step(micro_batches)
+
+    def _launch(self, step: int, outputs: list[torch.Tensor], guard: RecompileGuard) -> None:
+        """Run the traced step (XLA: cut the graph and launch it), with the watchers around."""
+        guard.before_sync(step, outputs)
+        for callback in self.callbacks:
+            callback.before_sync(step, outputs)
+        self.backend.sync()
+        for callback in self.callbacks:
+            callback.step_done(step)
+        self.metrics.step_done()
+        if self._abort:
+            raise TrainingError(self._abort)
+
+    def _stop_reason(self, step: int, preemption: Preemption) -> Optional[str]:
+        if step == self.cfg.max_steps:  # the run ends here anyway
+            return None
+        if preemption.requested():
+            return "SIGTERM"
+        if step == self.cfg.stop_at_step:
+            return f"trainer.stop_at_step={step}"
+        return None
+
+    def _should_log(self, step: int) -> bool:
+        return (
+            step == self.start_step + 1
+            or step % self.cfg.logging_steps == 0
+            or step == self.cfg.max_steps
+        )
+
+    def _on_metrics(self, step: int, metrics: dict[str, torch.Tensor]) -> None:
         """Runs once the step's values exist (a step closure on XLA)."""
-        now = time.perf_counter()
-        values = {k: v.item() for k, v in metrics.items()}
+        values = {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
         consecutive = int(values.pop("consecutive_skips"))
-        prev_step, prev_time = self._window_start
-        elapsed = max(now - prev_time, 1e-9)
-        steps = step - prev_step
-        tokens_per_sec = steps * self.tokens_per_step / elapsed
-        record = {
-            "step": step,
-            **{k: (int(v) if k == "skipped_steps" else float(v)) for k, v in values.items()},
-            "tokens_per_sec": tokens_per_sec,
-            "step_time_s": elapsed / steps,
-        }
-        if self.flops_per_token and self.peak_flops:
-            record["mfu"] = (
-                tokens_per_sec * self.flops_per_token
-                / (self.peak_flops * self.backend.device_count)
-            )
-        compiles = self.backend.compile_count()
-        if compiles is not None:
-            record["compiles"] = compiles
-        if self.metrics is not None:
-            self.metrics.write(record)
-        for logger in self.loggers:
-            logger.log(record)
-        self._losses.append(record["loss"])
-        self._skipped = record["skipped_steps"]
-        self._window_start = (step, now)
-        if self._steady_start is None:
-            self._steady_start = (step, now)
+        self.metrics.log(step, values)
         limit = self.cfg.max_consecutive_skips
         if limit is not None and consecutive >= limit:
             self._abort = (
@@ -529,36 +334,13 @@ class BaseTrainer:
                 "are as before them. Lower trainer.optimizer.lr, check the data, or resume "
                 "from an earlier checkpoint."
             )
-        if self._bar is not None:
-            self._bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-        if not self.show_bar:
-            log.info("step %d  loss %.4f  lr %.2e  %.0f tok/s", step, record["loss"],
-                     record["lr"], tokens_per_sec)
 
-    def _summary(
-        self, step: int, elapsed: float, checkpoint: Optional[Path], stopped: Optional[str],
-        hf: Optional[Path],
-    ) -> TrainSummary:
-        first_step, first_time = self._steady_start or (self.start_step, 0.0)
-        last_step, last_time = self._window_start
-        if last_step > first_step:
-            tokens_per_sec = (last_step - first_step) * self.tokens_per_step / (last_time - first_time)
-        else:
-            tokens_per_sec = (step - self.start_step) * self.tokens_per_step / elapsed
-        losses = [x for x in self._losses if x is not None]
-        return TrainSummary(
-            steps=step,
-            max_steps=self.cfg.max_steps,
-            start_step=self.start_step,
-            first_loss=losses[0] if losses else None,
-            last_loss=losses[-1] if losses else None,
-            tokens_per_sec=tokens_per_sec,
-            elapsed_s=elapsed,
-            compiles=self.backend.compile_count(),
-            metrics_path=self.metrics_path,
-            checkpoint=checkpoint,
-            resumed_from=self.resumed_from,
-            stopped=stopped,
-            skipped_steps=self._skipped,
-            hf_export=hf,
-        )
+    def _export_at_end(self) -> Optional[Path]:
+        path = self.output_dir / "hf"
+        # The values of the last step, not of a graph still running.
+        self.backend.sync()
+        self.backend.wait_device_ops()
+        if self.backend.process_index == 0:
+            self.export_hf(path)
+            log.info("export: HF folder written to %s", path)
+        return path

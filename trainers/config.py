@@ -1,9 +1,26 @@
-"""Schema of the `trainer` config group (configs/trainer/) and of the `wandb` block."""
+"""Schema of the `trainer` config group (configs/trainer/) and of the `wandb`, `profile` and
+`debug` blocks. Each block says what is wrong with its own values (`problems`); checks that
+need a model, a mesh or devices are made by the run's pre-flight (run/preflight.py)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
 from typing import Dict, List, Optional
+
+from optimizers.schedules import ScheduleName, wsd_decay_steps
+from torchprime.dtypes import DType
+from torchprime.errors import Problems
+
+
+def _at_least(found: Problems, key: str, value: Optional[float], low: float, null: bool) -> None:
+    ok = (value is None and null) or (value is not None and value >= low)
+    found.check(ok, f"{key}={value}: must be at least {low:g}{' (or null)' if null else ''}.")
+
+
+def _positive(found: Problems, key: str, value: Optional[float]) -> None:
+    found.check(value is None or value > 0, f"{key}={value}: must be positive (or null).")
 
 
 @dataclass
@@ -21,18 +38,36 @@ class OptimizerConfig:
     """Clamp each element of the Adam update to ±update_clip (null: off)."""
     update_rms_clip: Optional[float] = None
     """Scale each tensor's update down to RMS ≤ update_rms_clip (StableAdamW; null: off)."""
-    state_dtype: Optional[str] = None
+    state_dtype: Optional[DType] = None
     """float32 or bfloat16 for the moment estimates; null: the parameters' dtype."""
     lr_multipliers: Dict[str, float] = field(default_factory=dict)
     """Parameter name pattern (`*` is one name component, as in model.sharding) → factor on
     the scheduled lr, e.g. {lm_head.weight: 0.5}. A pattern matching nothing is an error."""
+
+    def problems(self, key: str = "trainer.optimizer") -> Problems:
+        found = Problems()
+        found.check(self.lr > 0, f"{key}.lr={self.lr}: must be positive.")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            found.check(0 <= value < 1, f"{key}.{name}={value}: must be in [0, 1).")
+        found.check(self.eps > 0, f"{key}.eps={self.eps}: must be positive.")
+        found.check(
+            self.weight_decay >= 0, f"{key}.weight_decay={self.weight_decay}: must be 0 or more."
+        )
+        _positive(found, f"{key}.update_clip", self.update_clip)
+        _positive(found, f"{key}.update_rms_clip", self.update_rms_clip)
+        for pattern, factor in self.lr_multipliers.items():
+            found.check(
+                factor > 0, f"{key}.lr_multipliers[{pattern!r}]={factor}: must be positive."
+            )
+        return found
 
 
 @dataclass
 class LRSchedulerConfig:
     """Learning rate over the run: linear warmup, then a decay shape."""
 
-    name: str = "cosine"
+    name: ScheduleName = ScheduleName.cosine
     """constant; cosine or linear (decay from the peak to min_lr_ratio × peak at max_steps);
     wsd (warmup-stable-decay: the peak, then a linear decay over the last decay_steps)."""
     warmup_steps: int = 20
@@ -41,6 +76,18 @@ class LRSchedulerConfig:
     """wsd: steps of the final decay. Give this or decay_fraction (neither: 0.1 of max_steps)."""
     decay_fraction: Optional[float] = None
     """wsd: the final decay as a fraction of max_steps."""
+
+    def problems(self, max_steps: int, key: str = "trainer.lr_scheduler") -> Problems:
+        found = Problems()
+        _at_least(found, f"{key}.warmup_steps", self.warmup_steps, 0, null=False)
+        found.check(
+            0 <= self.min_lr_ratio <= 1, f"{key}.min_lr_ratio={self.min_lr_ratio}: must be in [0, 1]."
+        )
+        if self.name == ScheduleName.wsd:
+            found.attempt(
+                wsd_decay_steps, max_steps, self.warmup_steps, self.decay_steps, self.decay_fraction
+            )
+        return found
 
 
 @dataclass
@@ -53,6 +100,12 @@ class CheckpointConfig:
     """Save once more when training ends."""
     keep: Optional[int] = 3
     """Keep the newest `keep` complete checkpoints, deleting older ones (null: keep all)."""
+
+    def problems(self, key: str = "trainer.checkpoint") -> Problems:
+        found = Problems()
+        _at_least(found, f"{key}.interval", self.interval, 1, null=True)
+        _at_least(found, f"{key}.keep", self.keep, 1, null=True)
+        return found
 
 
 @dataclass
@@ -106,13 +159,38 @@ class TrainerConfig:
     lr_scheduler: LRSchedulerConfig = field(default_factory=LRSchedulerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
+    def problems(self, key: str = "trainer") -> Problems:
+        found = Problems()
+        for name in ("max_steps", "logging_steps", "global_batch_size", "grad_accum_steps"):
+            _at_least(found, f"{key}.{name}", getattr(self, name), 1, null=False)
+        for name in ("max_consecutive_skips", "stop_at_step"):
+            _at_least(found, f"{key}.{name}", getattr(self, name), 1, null=True)
+        _at_least(found, f"{key}.recompile_warmup_steps", self.recompile_warmup_steps, 0, False)
+        for name in ("max_grad_norm", "max_grad_value", "peak_flops_per_device"):
+            _positive(found, f"{key}.{name}", getattr(self, name))
+        found.check(
+            self.resume in ("never", "auto") or Path(self.resume).is_dir(),
+            f"{key}.resume={self.resume}: not never, not auto, and no such checkpoint folder.",
+        )
+        found += self.optimizer.problems(f"{key}.optimizer")
+        found += self.lr_scheduler.problems(self.max_steps, f"{key}.lr_scheduler")
+        found += self.checkpoint.problems(f"{key}.checkpoint")
+        return found
+
+
+class WandbMode(StrEnum):
+    offline = "offline"
+    """Files under `dir`; `wandb sync` uploads them later."""
+    online = "online"
+    disabled = "disabled"
+
 
 @dataclass
 class WandbConfig:
     """Weights & Biases logging of the metrics and the resolved config (process 0 only)."""
 
     enabled: bool = False
-    mode: str = "offline"
+    mode: WandbMode = WandbMode.offline
     """offline (written under `dir`, `wandb sync` uploads it later), online or disabled."""
     project: str = "torchprime"
     entity: Optional[str] = None
@@ -137,6 +215,15 @@ class ProfileConfig:
     """Steps in the trace."""
     dir: Optional[str] = None
     """Where the trace goes; null: output_dir/profile."""
+
+    def problems(self, max_steps: int, key: str = "profile") -> Problems:
+        found = Problems()
+        found.check(
+            self.start_step is None or 1 <= self.start_step <= max_steps,
+            f"{key}.start_step={self.start_step}: must be a step of the run, 1 to {max_steps}.",
+        )
+        _at_least(found, f"{key}.num_steps", self.num_steps, 1, null=False)
+        return found
 
 
 @dataclass

@@ -10,13 +10,7 @@ from typing import Any, Optional
 
 from torch import nn
 
-#: Peak dense bf16 FLOP/s of one chip, by `backend.device_kind`.
-PEAK_FLOPS = {
-    "TPU v4": 275e12,
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v6e": 918e12,
-}
+from torchprime.chips import chip_of
 
 
 class MetricsFile:
@@ -89,7 +83,9 @@ def model_flops_per_token(model: nn.Module, seq_len: int) -> float:
 
 
 def peak_flops(device_kind: str, override: Optional[float]) -> Optional[float]:
-    """Peak FLOP/s of one device: the config's value, else the table's, else None (no mfu)."""
+    """Peak FLOP/s of one device: the config's value, else the chip table's, else None (no
+    mfu)."""
     if override is not None:
         return override
-    return PEAK_FLOPS.get(device_kind)
+    chip = chip_of(device_kind)
+    return chip.peak_flops if chip else None

@@ -10,12 +10,13 @@ from typing import Optional
 import torch
 
 from torchprime.backend.base import Backend
+from trainers.callbacks import Callback
 from trainers.config import DebugConfig, ProfileConfig
 
 log = logging.getLogger(__name__)
 
 
-class StepProfiler:
+class StepProfiler(Callback):
     """Starts a trace before step `start_step` and stops it after `num_steps` steps (or when
     the run ends first)."""
 
@@ -34,9 +35,9 @@ class StepProfiler:
 
     def step_done(self, step: int) -> None:
         if self.active and step >= self.cfg.start_step + self.cfg.num_steps - 1:
-            self.stop()
+            self.close()
 
-    def stop(self) -> None:
+    def close(self) -> None:
         if self.active:
             self.backend.wait_device_ops()  # the traced steps' device work belongs in the trace
             self.backend.stop_trace(self.dir)
@@ -44,18 +45,20 @@ class StepProfiler:
             log.info("profile: trace written to %s", self.dir)
 
 
-class GraphDumper:
-    """Writes the step's traced graph for the steps that compile (the first few)."""
+class GraphDumper(Callback):
+    """Writes the step's traced graph for the steps that compile: the first `steps` of this
+    process."""
 
-    def __init__(self, cfg: DebugConfig, backend: Backend, output_dir: Path, steps: int):
+    def __init__(self, cfg: DebugConfig, backend: Backend, output_dir: Path, steps: int = 2):
         self.enabled = cfg.dump_hlo and backend.is_xla
         self.backend = backend
         self.dir = hlo_dir(output_dir)
-        self.last_step = steps
+        self.left = steps
 
     def before_sync(self, step: int, tensors: list[torch.Tensor]) -> Optional[Path]:
-        if not self.enabled or step > self.last_step:
+        if not self.enabled or self.left <= 0:
             return None
+        self.left -= 1
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / f"step_{step:08d}.hlo.txt"
         path.write_text(self.backend.graph_text(tensors))

@@ -12,6 +12,7 @@ import importlib.util
 import logging
 import os
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Optional
 
@@ -20,7 +21,16 @@ from torchprime.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "xla", "cpu", "cuda")
+
+
+class BackendName(StrEnum):
+    """The config's `backend`: auto picks one of the others for this machine."""
+
+    auto = "auto"
+    xla = "xla"
+    cpu = "cpu"
+    cuda = "cuda"
+
 _GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips show up as PCI devices of this vendor
 
 
@@ -44,8 +54,8 @@ def tpu_present() -> bool:
 
 def resolve_backend_name(requested: str) -> str:
     """The concrete backend `requested` means on this machine, checked to be usable."""
-    if requested not in BACKENDS:
-        raise ConfigError(f"backend={requested!r}: choose one of {', '.join(BACKENDS)}.")
+    if requested not in BackendName.__members__:
+        raise ConfigError(f"backend={requested!r}: choose one of {', '.join(BackendName)}.")
     if requested == "auto":
         if tpu_present() and torch_xla_installed():
             return "xla"

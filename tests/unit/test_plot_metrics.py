@@ -11,7 +11,7 @@ from torchprime.backend import select_backend
 from torchprime.mesh import MeshAxesConfig, resolve_mesh
 from tools.plot_metrics import main
 from trainers.config import CheckpointConfig, TrainerConfig
-from trainers.lm_trainer import LMTrainer
+from trainers import make_trainer
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -25,7 +25,7 @@ def run_dir(tmp_path_factory):
     ids = torch.randint(0, 259, (2, 16), generator=torch.Generator().manual_seed(0))
     cfg = TrainerConfig(max_steps=3, logging_steps=1, progress_bar=False,
                         checkpoint=CheckpointConfig(save_at_end=False))
-    LMTrainer(cfg, model, select_backend("cpu", cpu_devices=1),
+    make_trainer(cfg, model, select_backend("cpu", cpu_devices=1),
               resolve_mesh(MeshAxesConfig(fsdp=1), MeshAxesConfig(), None),
               iter(lambda: {"input_ids": ids, "labels": ids}, None), out,
               tokens_per_step=32).train()

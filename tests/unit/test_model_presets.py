@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-from conftest import ROOT
+from conftest import composed
 from models import build_model
 from torchprime.mesh import MeshAxesConfig, resolve_mesh
 from torchprime.sharding import plan_parameter_specs, replicated
-from train_config import TrainConfig, register_schema
-
-register_schema()
 
 PUBLISHED = {
     "llama3_2_1b": 1_235_814_400,
@@ -22,11 +17,6 @@ PUBLISHED = {
     "llama3_1_70b": 70_553_706_496,
     "llama3_1_405b": 405_853_388_800,
 }
-
-
-def composed(*overrides: str) -> TrainConfig:
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
-        return OmegaConf.to_object(compose("default", overrides=list(overrides)))
 
 
 @pytest.mark.parametrize("preset", sorted(PUBLISHED))

@@ -19,7 +19,7 @@ from models.llama import LlamaConfig
 from torchprime.backend import select_backend
 from torchprime.mesh import MeshAxesConfig, resolve_mesh
 from trainers.config import TrainerConfig
-from trainers.lm_trainer import LMTrainer
+from trainers import make_trainer
 
 BACKEND = select_backend("cpu", cpu_devices=1)
 MESH = resolve_mesh(MeshAxesConfig(fsdp=1), MeshAxesConfig(), None)
@@ -28,11 +28,11 @@ SMALL = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                     num_attention_heads=2, num_key_value_heads=1)
 
 
-def trainer(tmp_path, compile: bool) -> LMTrainer:
+def trainer(tmp_path, compile: bool):
     model = build_model(SMALL, torch.float32).to_empty(device="cpu")
     model.init_weights(torch.Generator().manual_seed(0))
     cfg = TrainerConfig(compile=compile, progress_bar=False)
-    return LMTrainer(cfg, model, BACKEND, MESH, (), tmp_path, tokens_per_step=4 * 16)
+    return make_trainer(cfg, model, BACKEND, MESH, (), tmp_path, tokens_per_step=4 * 16)
 
 
 def batch(seed: int) -> dict[str, torch.Tensor]:
@@ -65,8 +65,8 @@ def test_a_compiled_step_gives_the_loss_and_weights_of_an_uncompiled_one(steps):
 def test_compiling_keeps_parameter_names_and_the_hf_export(steps, tmp_path):
     eager, compiled, _ = steps
     assert list(compiled.model.state_dict()) == list(eager.model.state_dict())
-    assert list(compiled.training_state()["optimizer"]) == list(
-        eager.training_state()["optimizer"]
+    assert list(compiled.checkpoint_tensors()["optimizer"]) == list(
+        eager.checkpoint_tensors()["optimizer"]
     )
     compiled.export_hf(tmp_path / "hf")
     assert (tmp_path / "hf" / "config.json").is_file()
@@ -78,7 +78,7 @@ def test_compile_is_ignored_on_xla_with_a_note(tmp_path, caplog):
 
     model = build_model(SMALL, torch.float32).to_empty(device="cpu")
     with caplog.at_level(logging.WARNING):
-        t = LMTrainer(TrainerConfig(compile=True), model, XlaLike("cpu"), MESH, (), tmp_path,
+        t = make_trainer(TrainerConfig(compile=True), model, XlaLike("cpu"), MESH, (), tmp_path,
                       tokens_per_step=64)
     assert "trainer.compile=true is ignored on XLA" in caplog.text
     assert "forward" not in vars(t)  # the trainer's own method, not a compiled one

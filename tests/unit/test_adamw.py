@@ -128,12 +128,9 @@ def test_init_state_creates_what_the_first_step_would():
     assert state["step"].item() == 0 and not state["exp_avg_sq"].any()
 
 
-class TracedPath(AdamW):
+def TracedPath(params, **kwargs):
     """The out-of-place update XLA traces, run on the CPU."""
-
-    @staticmethod
-    def updates_in_place(p):
-        return False
+    return AdamW(params, traced=True, **kwargs)
 
 
 @pytest.mark.parametrize("kwargs", [

@@ -65,3 +65,17 @@ def test_a_broken_pod_config_gets_every_problem_at_once_and_no_steps(tmp_path):
         assert expected in report, expected
     assert report.rstrip().endswith("verdict: fix the problems above before paying for the pod")
     assert not (tmp_path / "dry_run").exists()  # nothing ran
+
+
+def test_plan_only_prints_the_plan_of_a_pod_config_without_running(tmp_path):
+    proc = run_train(
+        "plan_only=true", "model=llama3_8b", "dtype=bfloat16", "ici_mesh.fsdp=256",
+        "data.block_size=2048", "trainer.global_batch_size=256", "model/remat=scan_remat", "target.chip=v5e", f"output_dir={tmp_path / 'run'}",
+        python_flags=("-X", "importtime"),  # lists every imported module on stderr
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "sharding plan on mesh fsdp=256 (256 devices), 8.030B parameters" in proc.stdout
+    assert "parameters          59.83 MiB" in proc.stdout
+    assert "fits: 239.32 MiB of weights, gradients and optimizer state + about" in proc.stdout
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert "torch_xla" not in proc.stderr  # no device was touched

@@ -7,13 +7,11 @@ checkpoints, and a checkpoint saved on 4 devices resumed on 2."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 from conftest import requires_xla, run_train
-from trainers.base_trainer import SIGTERM_AT_STEP_ENV
 from trainers.metrics import read_metrics
 
 # Rows of 64 tokens keep the steps cheap; the model is the default tiny one.
@@ -24,16 +22,15 @@ RUN = (
 STRAIGHT = (*RUN, "trainer.checkpoint.interval=4")
 
 
-def train(*overrides, env=None, torchax=False):
-    """train.py in a subprocess. `torchax`: check that the run imported torchax."""
-    saved = dict(os.environ)
-    os.environ.update(env or {})
-    try:
-        # -X importtime lists every module the process imports, on stderr.
-        proc = run_train(*overrides, python_flags=("-X", "importtime") if torchax else ())
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+def train(*overrides, torchax=False, sigterm_at=None):
+    """train.py in a subprocess. `torchax`: check that the run imported torchax. `sigterm_at`:
+    the process sends itself SIGTERM when that step begins (tests/e2e/train_with_sigterm.py)."""
+    script = "train.py"
+    if sigterm_at is not None:
+        script = f"tests/e2e/train_with_sigterm.py {sigterm_at}"
+    # -X importtime lists every module the process imports, on stderr.
+    flags = ("-X", "importtime") if torchax else ()
+    proc = run_train(*overrides, python_flags=flags, script=script)
     assert proc.returncode == 0, proc.stderr[-3000:]
     if torchax:
         # torchax registers itself as torch's custom device when imported (torch_xla imports
@@ -141,10 +138,9 @@ def xla_straight(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def xla_preempted(tmp_path_factory):
-    """SIGTERM in the middle of step 4 (the test hook sends it), then resumed."""
+    """SIGTERM in the middle of step 4, then resumed."""
     out = tmp_path_factory.mktemp("xla_preempted")
-    first = train(*RUN, f"output_dir={out}", env={SIGTERM_AT_STEP_ENV: "4"},
-                  torchax=True)
+    first = train(*RUN, f"output_dir={out}", sigterm_at=4, torchax=True)
     second = train(*RUN, f"output_dir={out}", "trainer.resume=auto",
                    "trainer.checkpoint.interval=2", torchax=True)
     return out, first, second

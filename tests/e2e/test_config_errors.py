@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from conftest import requires_xla, run_train
 
 
@@ -63,23 +65,47 @@ def test_a_second_run_into_the_same_output_dir_is_refused_and_changes_nothing(tm
     assert not (tmp_path / "config.yaml").exists()
 
 
-def test_a_pod_config_does_not_start_on_other_devices():
-    """An 8B model on a laptop CPU would grind for hours before running out of memory."""
-    import pytest
-
-    from torchprime.backend import select_backend
-    from torchprime.errors import ConfigError
-    from train import check_target
-    from train_config import TargetConfig, TrainConfig
-
-    cfg = TrainConfig(target=TargetConfig(chip="v5p", num_devices=64))
-    with pytest.raises(ConfigError, match=r"target.chip=v5p.*devices here are CPU.*dry_run=true"):
-        check_target(cfg, select_backend("cpu", cpu_devices=1))
-    check_target(TrainConfig(), select_backend("cpu", cpu_devices=1))  # no target: runs anywhere
+def test_an_unknown_choice_is_refused_by_the_loader_with_the_choices(tmp_path):
+    proc = run_train("target.chip=v7", f"output_dir={tmp_path}")
+    assert proc.returncode != 0
+    assert "Invalid value 'v7', expected one of [v4, v5e, v5p, v6e]" in proc.stderr
+    assert "full_key: target.chip" in proc.stderr
 
 
-def test_target_keys_are_checked(tmp_path):
-    proc = run_train("target.chip=v7", "dry_run_devices=128", f"output_dir={tmp_path}")
+def test_target_and_dry_run_keys_are_checked(tmp_path):
+    proc = run_train("target.hbm_gib=0", "dry_run_devices=128", f"output_dir={tmp_path}")
     assert proc.returncode == 2
-    assert "target.chip='v7': known chips are v4, v5e, v5p, v6e." in proc.stderr
+    assert "target.hbm_gib=0.0: must be positive." in proc.stderr
     assert "dry_run_devices=128: XLA on the CPU runs 1 to 64 virtual devices." in proc.stderr
+
+
+# Four independent mistakes: a mesh that does not cover the devices, a batch that mesh cannot
+# split, a sharding pattern and a remat class that match nothing. Each mode reports all four.
+FOUR_MISTAKES = (
+    "ici_mesh.fsdp=8", "trainer.global_batch_size=12",
+    "++model.sharding.parameters={lm_haed.weight: [fsdp, null]}",
+    "model.remat.activation_checkpoint_layers=[LlamaDecoderLayr]",
+)
+EXPECTED = (
+    "= 8 devices, but there are 4",
+    "trainer.global_batch_size=12 does not split",
+    "['lm_haed.weight'] matches no parameter",
+    "no module of class 'LlamaDecoderLayr'",
+)
+
+
+@requires_xla
+@pytest.mark.parametrize("mode", ["run", "plan_only", "dry_run"])
+def test_four_independent_mistakes_are_reported_together_in_every_mode(tmp_path, mode):
+    extra = {
+        "run": ("cpu_devices=4",),
+        "plan_only": ("plan_only=true", "target.num_devices=4"),
+        "dry_run": ("dry_run=true", "target.num_devices=4"),
+    }[mode]
+    proc = run_train(*FOUR_MISTAKES, *extra, f"output_dir={tmp_path}")
+    assert proc.returncode == (1 if mode == "dry_run" else 2), proc.stderr[-3000:]
+    text = proc.stdout + proc.stderr
+    for expected in EXPECTED:
+        assert expected in text, (expected, text[-3000:])
+    assert ("PROBLEMS    4" if mode == "dry_run" else "error: 4 problems:") in text
+    assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "config.yaml").exists()

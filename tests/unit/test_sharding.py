@@ -88,7 +88,7 @@ def test_the_runtime_holds_the_shardings_the_config_asked_for():
     from trainers.base_trainer import build_optimizer
     from trainers.config import TrainerConfig
 
-    opt = build_optimizer(model, TrainerConfig())
+    opt = build_optimizer(model, TrainerConfig(), backend)
     ids = torch.randint(0, 264, (4, 16)).to(backend.device)
     model(ids, labels=ids).loss.backward()
     opt.step()

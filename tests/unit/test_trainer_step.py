@@ -15,11 +15,13 @@ from models.llama import LlamaConfig
 from torchprime.backend import select_backend
 from torchprime.errors import ConfigError
 from torchprime.mesh import MeshAxesConfig, resolve_mesh
+from trainers import make_trainer
 from trainers.base_trainer import TrainingError, build_optimizer
+from trainers.callbacks import Callback
 from trainers.config import CheckpointConfig, OptimizerConfig, TrainerConfig
 from trainers.data_position import TrackedBatches
 from trainers.lm_trainer import LMTrainer
-from trainers.metrics import model_flops_per_token, truncate_metrics
+from trainers.metrics import model_flops_per_token, peak_flops, truncate_metrics
 
 BACKEND = select_backend("cpu", cpu_devices=1)
 MESH = resolve_mesh(MeshAxesConfig(fsdp=1), MeshAxesConfig(), None)
@@ -33,11 +35,15 @@ def tiny_model(seed=0):
     return model
 
 
-def trainer(tmp_path: Path, batches=(), model=None, **cfg) -> LMTrainer:
+def trainer(tmp_path: Path, batches=(), model=None, callbacks=(), **cfg) -> LMTrainer:
     cfg.setdefault("progress_bar", False)
-    return LMTrainer(
-        TrainerConfig(**cfg), model or tiny_model(), BACKEND, MESH, batches, tmp_path,
-        tokens_per_step=8 * SEQ, seq_len=SEQ,
+    config = TrainerConfig(**cfg)
+    model = model or tiny_model()
+    return make_trainer(
+        config, model, BACKEND, MESH, batches, tmp_path, tokens_per_step=8 * SEQ,
+        flops_per_token=model_flops_per_token(model, SEQ),
+        peak_flops=peak_flops(BACKEND.device_kind, config.peak_flops_per_device),
+        callbacks=callbacks,
     )
 
 
@@ -82,33 +88,37 @@ def test_clipping_by_value_then_by_norm_reports_the_norm_before_clipping(tmp_pat
     assert max(p.grad.abs().max().item() for p in params) <= 0.01
 
 
-class NaNAfter(LMTrainer):
-    """Gradients turn non-finite from the given step on (a data or overflow problem)."""
+class NaNFrom(Callback):
+    """Gradients turn non-finite from the given step on (a data or overflow problem); the
+    weights after the step before are kept to compare."""
 
-    bad_from = 3
+    def __init__(self, step):
+        self.bad_from, self.trainer, self.snapshot = step, None, {}
 
-    def forward(self, batch):
-        loss, aux = super().forward(batch)
-        if self.step_count.item() + 1 >= self.bad_from:
-            loss = loss * float("nan")
-        return loss, aux
+    def step_begins(self, step):
+        if step == self.bad_from:
+            forward = self.trainer.forward
+
+            def poisoned(batch):
+                loss, aux = forward(batch)
+                return loss * float("nan"), aux
+
+            self.trainer.forward = poisoned
+
+    def step_done(self, step):
+        if step == self.bad_from - 1:
+            self.snapshot = {n: p.detach().clone() for n, p in self.trainer.model.named_parameters()}
 
 
 def test_non_finite_steps_change_nothing_and_too_many_stop_the_run(tmp_path):
-    cfg = TrainerConfig(max_steps=10, logging_steps=1, progress_bar=False,
-                        max_consecutive_skips=3, checkpoint=CheckpointConfig(save_at_end=False))
-    t = NaNAfter(cfg, tiny_model(), BACKEND, MESH, iter(lambda: rows(8), None), tmp_path,
-                 tokens_per_step=8 * SEQ)
-    snapshot = {}
-
-    def keep_weights_after_step_2(step, metrics, original=t._log_step):
-        original(step, metrics)
-        if step == 2:
-            snapshot.update({n: p.detach().clone() for n, p in t.model.named_parameters()})
-
-    t._log_step = keep_weights_after_step_2
+    nan = NaNFrom(3)
+    t = trainer(tmp_path, batches=iter(lambda: rows(8), None), callbacks=[nan], max_steps=10,
+                logging_steps=1, max_consecutive_skips=3,
+                checkpoint=CheckpointConfig(save_at_end=False))
+    nan.trainer = t
     with pytest.raises(TrainingError, match=r"3 steps in a row up to step 5 had non-finite"):
         t.train()
+    snapshot = nan.snapshot
     for name, p in t.model.named_parameters():
         assert torch.equal(p.detach(), snapshot[name]), name
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -135,7 +145,7 @@ def test_an_lr_multiplier_pattern_matching_nothing_names_the_closest_parameters(
         optimizer=OptimizerConfig(lr_multipliers={"model.layers.*.mlp.down.weight": 2.0})
     )
     with pytest.raises(ConfigError) as e:
-        build_optimizer(tiny_model(), cfg)
+        build_optimizer(tiny_model(), cfg, BACKEND)
     message = str(e.value)
     assert message.startswith(
         "trainer.optimizer.lr_multipliers['model.layers.*.mlp.down.weight'] matches no "

@@ -16,8 +16,8 @@ from torchprime.backend import select_backend
 from torchprime.errors import ConfigError
 from torchprime.mesh import MeshAxesConfig, resolve_mesh
 from trainers.checkpoint import CorruptCheckpoint, check_readable, load_checkpoint, save_checkpoint
+from trainers import make_trainer as trainer_of
 from trainers.config import CheckpointConfig, TrainerConfig
-from trainers.lm_trainer import LMTrainer
 
 BACKEND = select_backend("cpu", cpu_devices=1)
 MESH = resolve_mesh(MeshAxesConfig(fsdp=1), MeshAxesConfig(), None)
@@ -35,7 +35,7 @@ def make_trainer(out, seed=0, **cfg):
     model.to_empty(device="cpu")
     model.init_weights(torch.Generator().manual_seed(seed))
     cfg = TrainerConfig(progress_bar=False, max_steps=cfg.pop("max_steps", 4), **cfg)
-    return LMTrainer(cfg, model, BACKEND, MESH, batches(), out, tokens_per_step=32)
+    return trainer_of(cfg, model, BACKEND, MESH, batches(), out, tokens_per_step=32)
 
 
 def flat(state, prefix=""):
@@ -48,15 +48,15 @@ def flat(state, prefix=""):
 def test_save_then_load_restores_the_whole_training_state(tmp_path):
     t = make_trainer(tmp_path)
     t.train_step([next(batches())])
-    path = save_checkpoint(tmp_path, 7, t.training_state(), BACKEND, {"batches_consumed": 1})
+    path = save_checkpoint(tmp_path, 7, t.checkpoint_tensors(), BACKEND, {"batches_consumed": 1})
     assert path.name == "step_00000007"
     assert json.loads((path / "COMPLETE").read_text()) == {"step": 7}
     assert [p.name for p in tmp_path.iterdir()] == ["step_00000007"]  # no temporary left
 
     fresh = make_trainer(tmp_path, seed=1)
-    record = load_checkpoint(path, fresh.training_state(), BACKEND)
+    record = load_checkpoint(path, fresh.checkpoint_tensors(), BACKEND)
     assert record == {"step": 7, "batches_consumed": 1}
-    saved, loaded = flat(t.training_state()), flat(fresh.training_state())
+    saved, loaded = flat(t.checkpoint_tensors()), flat(fresh.checkpoint_tensors())
     assert len(saved) == 39 + 39 * 3 + 3  # weights, 3 optimizer tensors each, counters
     for name, tensor in saved.items():
         assert torch.equal(tensor, loaded[name]), name
@@ -72,13 +72,13 @@ def test_save_then_load_restores_the_whole_training_state(tmp_path):
 def test_only_the_newest_keep_checkpoints_remain(tmp_path):
     t = make_trainer(tmp_path)
     for step in (2, 4, 6, 8):
-        save_checkpoint(tmp_path, step, t.training_state(), BACKEND, keep=2)
+        save_checkpoint(tmp_path, step, t.checkpoint_tensors(), BACKEND, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000006", "step_00000008"]
 
 
 def test_damage_is_found_before_loading(tmp_path):
     t = make_trainer(tmp_path)
-    path = save_checkpoint(tmp_path, 1, t.training_state(), BACKEND)
+    path = save_checkpoint(tmp_path, 1, t.checkpoint_tensors(), BACKEND)
     check_readable(path)
     data = next(path.glob("*.distcp"))
     data.write_bytes(data.read_bytes()[:100])
@@ -89,7 +89,7 @@ def test_damage_is_found_before_loading(tmp_path):
         check_readable(path)
     (path / "COMPLETE").unlink()
     with pytest.raises(CorruptCheckpoint, match="no COMPLETE marker"):
-        load_checkpoint(path, t.training_state(), BACKEND)
+        load_checkpoint(path, t.checkpoint_tensors(), BACKEND)
 
 
 def test_resume_auto_skips_incomplete_and_corrupt_checkpoints_naming_them(tmp_path, caplog):
@@ -118,7 +118,7 @@ def test_resume_auto_skips_incomplete_and_corrupt_checkpoints_naming_them(tmp_pa
 
 def test_resume_auto_with_only_damaged_checkpoints_stops(tmp_path):
     t = make_trainer(tmp_path)
-    path = save_checkpoint(tmp_path / "checkpoints", 2, t.training_state(), BACKEND)
+    path = save_checkpoint(tmp_path / "checkpoints", 2, t.checkpoint_tensors(), BACKEND)
     (path / ".metadata").write_bytes(b"")
     with pytest.raises(ConfigError, match=r"trainer.resume=auto: no checkpoint in .* can be "
                                           r"loaded \(step_00000002\)"):

@@ -136,7 +136,7 @@ def test_offload_partition_saves_only_the_marked_activations():
     the rest, with the gradients of an ordinary backward."""
     from functorch.compile import aot_function, default_partition, make_boxed_func
 
-    from torchprime.offload import offload_partition, set_active
+    from torchprime.offload import activate, offload_partition
 
     model = build_model(LlamaConfig(num_hidden_layers=1), torch.float32).to_empty(device="cpu")
     gen = torch.Generator().manual_seed(0)
@@ -170,16 +170,14 @@ def test_offload_partition_saves_only_the_marked_activations():
         return compiler
 
     names = frozenset({"decoder_input", "k_proj"})
-    set_active(sorted(names))
-    try:
-        partition = offload_partition(names, to_host, to_device)
-        loss = aot_function(step, keep("fwd"), keep("bwd"), partition_fn=partition)(x, params, cos, sin)
-        grads = torch.autograd.grad(loss, [x, *params.values()])
-        aot_function(step, keep("fwd_d"), keep("bwd_d"), partition_fn=default_partition)(
-            x, params, cos, sin
-        )
-    finally:
-        set_active([])
+    activate(layer, names)
+    partition = offload_partition(names, to_host, to_device)
+    loss = aot_function(step, keep("fwd"), keep("bwd"), partition_fn=partition)(x, params, cos, sin)
+    grads = torch.autograd.grad(loss, [x, *params.values()])
+    aot_function(step, keep("fwd_d"), keep("bwd_d"), partition_fn=default_partition)(
+        x, params, cos, sin
+    )
+    activate(layer, frozenset())
     ref = step(x, params, cos, sin)
     ref_grads = torch.autograd.grad(ref, [x, *params.values()])
     torch.testing.assert_close(loss, ref)

@@ -1,0 +1,1 @@
+"""A run from config to summary: pre-flight checks, assembly, training, the dry run."""

@@ -1,0 +1,325 @@
+"""Pre-flight: everything a run is checked for before it touches a device, in one place.
+
+Training, `plan_only` and the dry run all call `preflight`, with the devices they check
+against: the ones the run has (`Devices.of_backend`), or the target pod's (`Devices.of_target`).
+It builds what the checks need once (the tokenizer, the mesh, the model on the meta device,
+its sharding specs, this host's data pipeline, the sharding plan and the activation estimate)
+and collects every problem it finds before reporting: each config block's own (`problems()`),
+then those between the config, the model, the mesh and the devices. A check that needs what an
+earlier one could not build is skipped, and the report says so.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from torch import nn
+
+from data.pipeline import TextBatches
+from data.tokenizers import Tokenizer, build_tokenizer
+from models import build_model
+from models.memory import ActivationEstimate, estimate_activations
+from optimizers.groups import param_groups
+from torchprime.attention import check_attention_kernel
+from torchprime.backend.base import Backend
+from torchprime.chips import CHIPS, Chip, chip_of
+from torchprime.errors import ConfigError, Problems
+from torchprime.mesh import Mesh, resolve_mesh
+from torchprime.plan import FitVerdict, ShardingPlan, fit_verdict, format_bytes, format_plan, make_plan
+from torchprime.rewriting import check_remat
+from torchprime.sharding import (
+    BATCH_SPEC,
+    ActivationSpec,
+    PartitionSpec,
+    micro_batch_rows,
+    plan_activation_specs,
+    plan_parameter_specs,
+    qkv_spec,
+)
+from train_config import TargetConfig, TrainConfig
+from trainers import get_trainer_class
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Devices:
+    """What a config is checked against: the devices a run has, or its target pod's."""
+
+    kind: str
+    """As `backend.device_kind` names them: "TPU v5p", "CPU", a GPU's name."""
+    count: Optional[int]
+    """Devices the mesh must cover; None: an eager backend (one device, the mesh describes the
+    target and is not applied)."""
+    hosts: int = 1
+    host_index: int = 0
+    chip: Optional[Chip] = None
+    """The TPU chip, when known (its HBM judges the plan)."""
+    target: bool = False
+    """These are the target pod's devices (plan_only, dry run), not the ones here."""
+
+    @classmethod
+    def of_backend(cls, backend: Backend) -> "Devices":
+        return cls(
+            kind=backend.device_kind,
+            count=backend.device_count if backend.is_xla else None,
+            hosts=backend.process_count,
+            host_index=backend.process_index,
+            chip=chip_of(backend.device_kind),
+        )
+
+    @classmethod
+    def of_target(cls, target: TargetConfig) -> "Devices":
+        chip = CHIPS[target.chip] if target.chip else None
+        hosts = 1
+        if chip and target.num_devices:
+            hosts = max(1, target.num_devices // chip.chips_per_host)
+        kind = chip.device_kind if chip else "TPU (target.chip not set)"
+        return cls(kind=kind, count=target.num_devices, hosts=hosts, chip=chip, target=True)
+
+
+@dataclass
+class Preflight:
+    """What the checks found, and what they built on the way."""
+
+    cfg: TrainConfig
+    devices: Devices
+    problems: Problems = field(default_factory=Problems)
+    skipped: list[str] = field(default_factory=list)
+    """Checks not made because what they need failed (each says which and why)."""
+    tokenizer: Optional[Tokenizer] = None
+    mesh: Optional[Mesh] = None
+    """The mesh as configured; checked against the devices unless `problems` says otherwise."""
+    micro_batch: Optional[int] = None
+    """Rows of one micro-batch on this host."""
+    model: Optional[nn.Module] = None
+    """On the meta device: shapes and names only."""
+    specs: Optional[dict[str, PartitionSpec]] = None
+    activation_specs: Optional[list[ActivationSpec]] = None
+    qkv_spec: Optional[PartitionSpec] = None
+    batches: Optional[TextBatches] = None
+    """This host's data pipeline, opened (its sources read up to their first document)."""
+    plan: Optional[ShardingPlan] = None
+    activations: Optional[ActivationEstimate] = None
+    verdict: Optional[FitVerdict] = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def skip(self, what: str, because: str) -> None:
+        self.skipped.append(f"{what} (needs {because})")
+
+    def error(self) -> ConfigError:
+        """Every problem in one error, with the checks that could not be made."""
+        lines = list(self.problems)
+        if len(lines) == 1 and not self.skipped:
+            return ConfigError(lines[0])
+        text = f"{len(lines)} problem{'s' if len(lines) > 1 else ''}:\n  - " + "\n  - ".join(lines)
+        if self.skipped:
+            text += "\n  not checked until those are fixed: " + "; ".join(self.skipped)
+        return ConfigError(text)
+
+    def raise_if_problems(self) -> None:
+        if self.problems:
+            raise self.error()
+
+    def memory_text(self) -> str:
+        """The plan's per-device activations and the HBM verdict, as plan_only prints them."""
+        lines = []
+        if self.activations is not None:
+            lines.append(f"activations: {describe_activations(self.activations)}")
+        if self.verdict is not None:
+            lines.append(self.verdict.text)
+        return "\n".join(lines)
+
+
+def preflight(
+    cfg: TrainConfig,
+    devices: Devices,
+    *,
+    open_data: bool = True,
+    output_dir: Optional[Path] = None,
+) -> Preflight:
+    """Check `cfg` for `devices`; build the meta model, the plan and (with `open_data`) this
+    host's data pipeline. With `output_dir`, also check that it holds no other run."""
+    pre = Preflight(cfg, devices)
+    pre.problems += cfg.problems()
+    if output_dir is not None:
+        pre.problems.attempt(check_no_previous_run, output_dir, cfg.trainer.resume)
+    _check_target(pre)
+    pre.tokenizer = pre.problems.attempt(build_tokenizer, cfg.data.tokenizer)
+    if pre.tokenizer is not None:
+        pre.problems.check(
+            pre.tokenizer.vocab_size <= cfg.model.vocab_size,
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the vocabulary of "
+            f"data.tokenizer={cfg.data.tokenizer!r} ({pre.tokenizer.vocab_size}).",
+        )
+    _check_mesh_and_batch(pre)
+    _check_model(pre)
+    if open_data:
+        _open_data(pre)
+    _plan(pre)
+    return pre
+
+
+def check_no_previous_run(output_dir: Path, resume: str = "never") -> None:
+    """Refuse to write over another run's metrics or checkpoints, unless asked to resume it
+    (trainer.resume=auto or a checkpoint: the run continues in place)."""
+    if resume != "never":
+        return
+    found = [p.name for p in (output_dir / "metrics.jsonl", output_dir / "checkpoints") if p.exists()]
+    if found:
+        raise ConfigError(
+            f"output_dir={output_dir} already holds a run ({', '.join(found)}); continue it with "
+            "trainer.resume=auto, or choose another output_dir or run_name, or move that run "
+            "away. Nothing was changed."
+        )
+
+
+def _check_target(pre: Preflight) -> None:
+    """A config written for a pod (target.*) runs on that pod: the same chip count, and not
+    by mistake on a CPU, where an 8B model would grind for hours before running out of memory."""
+    t, d = pre.cfg.target, pre.devices
+    if d.target:
+        return  # checking for the target itself
+    if not d.kind.startswith("TPU"):
+        pre.problems.check(
+            t.chip is None and t.num_devices is None,
+            f"this config is for a TPU pod (target.chip={t.chip}, target.num_devices="
+            f"{t.num_devices}) and the devices here are {d.kind}: check it here with "
+            "dry_run=true, or clear target.chip and target.num_devices to run it on these "
+            "devices anyway.",
+        )
+        return
+    pre.problems.check(
+        t.num_devices is None or d.count == t.num_devices,
+        f"target.num_devices={t.num_devices}, but this pod has {d.count} chips ({d.kind}): run "
+        "the config made for it, or fix the target.",
+    )
+    if t.chip is not None and d.chip is not None and t.chip != d.chip.name:
+        log.warning("target.chip=%s, but the chips here are %s: the plan's HBM verdict was for "
+                    "%s.", t.chip, d.kind, t.chip)
+
+
+def _check_mesh_and_batch(pre: Preflight) -> None:
+    cfg = pre.cfg
+    if cfg.ici_mesh.problems("ici_mesh", True) or cfg.dcn_mesh.problems("dcn_mesh", False):
+        pre.skip("the mesh, the batch split and the sharding specs' divisibility", "valid mesh sizes")
+        return
+    sizes = [*vars(cfg.ici_mesh).values(), *vars(cfg.dcn_mesh).values()]
+    if pre.devices.target and -1 in sizes and pre.devices.count is None:
+        pre.problems.append(
+            "ici_mesh has a -1 axis, which fills the pod's devices: set target.num_devices so "
+            "the mesh can be checked."
+        )
+    mesh = pre.problems.attempt(resolve_mesh, cfg.ici_mesh, cfg.dcn_mesh, pre.devices.count)
+    # A mesh that does not cover the devices still has valid sizes: the checks that depend on
+    # them (batch split, sharding) go on with the mesh as configured.
+    pre.mesh = mesh or resolve_mesh(cfg.ici_mesh, cfg.dcn_mesh, None)
+    t = cfg.trainer
+    if t.global_batch_size < 1 or t.grad_accum_steps < 1:
+        pre.skip("the batch split over the mesh", "a valid trainer.global_batch_size")
+        return
+    pre.micro_batch = pre.problems.attempt(
+        micro_batch_rows, t.global_batch_size, t.grad_accum_steps, pre.mesh, pre.devices.hosts
+    )
+
+
+def _check_model(pre: Preflight) -> None:
+    cfg, problems = pre.cfg, pre.problems
+    problems.attempt(get_trainer_class, cfg.trainer.name)
+    if cfg.model.problems():
+        pre.skip("the attention kernel, sharding, remat and lr patterns", "a valid model config")
+        return
+    m = cfg.model
+    problems.attempt(
+        check_attention_kernel, m.attention_kernel, m.attention_block_sizes, pre.devices.kind,
+        m.is_causal, cfg.data.block_size, uses_bias=cfg.data.packing == "document",
+    )
+    pre.qkv_spec = problems.attempt(qkv_spec, m.sharding)
+    pre.model = model = problems.attempt(build_model, m, cfg.dtype.torch)
+    if model is None:
+        return
+    if pre.mesh is not None:
+        pre.specs = problems.attempt(plan_parameter_specs, model, m.sharding, pre.mesh)
+    else:
+        pre.skip("the parameter specs", "a valid mesh")
+    pre.activation_specs = problems.attempt(plan_activation_specs, model, m.sharding)
+    problems.attempt(check_remat, model, m.remat)
+    opt = cfg.trainer.optimizer
+    problems.attempt(param_groups, model, opt.weight_decay, dict(opt.lr_multipliers))
+    if m.pretrained_path:
+        from models.hf import check_matches
+
+        problems.attempt(check_matches, m, m.pretrained_path)
+
+
+def _open_data(pre: Preflight) -> None:
+    """This host's data pipeline: a missing path, an unreadable file, a missing text field or
+    an empty part fails here, in seconds, before the weights are built."""
+    cfg = pre.cfg
+    if pre.tokenizer is None or cfg.data.problems():
+        pre.skip("the data sources", "a valid data config and tokenizer")
+        return
+    d = pre.devices
+    rows = pre.micro_batch or 1
+    pre.batches = pre.problems.attempt(
+        TextBatches, cfg.data, pre.tokenizer, rows, d.host_index, d.hosts, cfg.seed
+    )
+
+
+def _plan(pre: Preflight) -> None:
+    cfg = pre.cfg
+    if pre.model is None or pre.specs is None or pre.mesh is None:
+        return
+    state_dtype = cfg.trainer.optimizer.state_dtype
+    pre.plan = make_plan(pre.model, pre.specs, pre.mesh, state_dtype.torch if state_dtype else None)
+    t = cfg.trainer
+    if t.global_batch_size >= 1 and t.grad_accum_steps >= 1:
+        rows = t.global_batch_size / t.grad_accum_steps / pre.mesh.size(BATCH_SPEC[0])
+        layer = type(pre.model.decoder_layers[0]).__name__
+        pre.activations = estimate_activations(
+            cfg.model, cfg.model.remat, pre.mesh, rows, cfg.data.block_size,
+            cfg.dtype.torch.itemsize, layer,
+        )
+    hbm = target_hbm(cfg, pre.devices)
+    if hbm is not None and not cfg.target.problems():
+        used = pre.activations.device_bytes if pre.activations else None
+        pre.verdict = fit_verdict(pre.plan, *hbm, used)
+
+
+def target_hbm(cfg: TrainConfig, devices: Devices) -> Optional[tuple[float, str]]:
+    """Bytes of HBM per chip and how to name it, when the config or the devices say."""
+    t = cfg.target
+    if t.hbm_gib is not None:
+        return t.hbm_gib * 2**30, f"target.hbm_gib={t.hbm_gib:g}"
+    if devices.chip is not None:
+        return devices.chip.hbm_gib * 2**30, f"a TPU {devices.chip.name} chip"
+    return None
+
+
+def describe_activations(a: ActivationEstimate) -> str:
+    text = (
+        f"{format_bytes(a.kept_bytes)} kept for backward + {format_bytes(a.working_bytes)} for "
+        "one layer and the logits"
+    )
+    if a.host_bytes:
+        text += f", {format_bytes(a.host_bytes)} offloaded to host memory"
+    return text + f" (estimate, {a.tokens:,} tokens a device)"
+
+
+def plan_report(pre: Preflight, max_rows: int = 40) -> str:
+    """What plan_only prints: the plan, the memory lines, and every problem found."""
+    parts: list[Any] = []
+    if pre.plan is not None:
+        parts.append(format_plan(pre.plan, max_rows=max_rows))
+        memory = pre.memory_text()
+        if memory:
+            parts.append("  " + memory.replace("\n", "\n  "))
+    if pre.problems:
+        parts.append(f"error: {pre.error()}")
+    return "\n".join(parts)

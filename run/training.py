@@ -1,0 +1,114 @@
+"""A checked config becomes a running trainer: the assembly steps, in the order they apply.
+
+1. pre-flight (run/preflight.py): every check, the meta model, the plan, this host's data;
+2. the weights: each module initialized on the host (from the seed, or read from an HF
+   folder) and sent to the devices already sharded (torchprime/materialize.py);
+3. activation sharding annotations, then the rewriting for compile time and memory (XLA
+   linear, remat, scan, offload, barriers: torchprime/rewriting.py), then the mesh handed to
+   the Pallas attention kernels;
+4. the trainer, given its checkpoint manager, metrics logger and step callbacks; it restores
+   the checkpoint `trainer.resume` names and trains.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from run.preflight import Devices, Preflight, preflight
+from torchprime.attention import TPU_KERNELS, KernelPlacement, place_kernels
+from torchprime.backend.base import Backend
+from torchprime.materialize import materialize
+from torchprime.rewriting import apply_rewriting
+from torchprime.sharding import replicated, shard_activations
+from train_config import TrainConfig
+from trainers import make_trainer
+from trainers.base_trainer import BaseTrainer
+from trainers.callbacks import StepCallback
+from trainers.metrics import model_flops_per_token, peak_flops
+from trainers.metrics_logger import TrainSummary
+from trainers.profiling import GraphDumper, StepProfiler, hlo_dir, prune_compiler_dumps
+
+log = logging.getLogger(__name__)
+
+
+def run_training(
+    cfg: TrainConfig,
+    backend: Backend,
+    output_dir: Path,
+    resolved: dict[str, Any],
+    callbacks: Sequence[StepCallback] = (),
+) -> TrainSummary:
+    """Check `cfg` on `backend`'s devices (every problem in one ConfigError, nothing written
+    before), then build the trainer and train; `resolved` is the config wandb records."""
+    pre = preflight(cfg, Devices.of_backend(backend), output_dir=output_dir)
+    pre.raise_if_problems()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    log.info("backend: %s, mesh: %s", backend.describe(), pre.mesh.describe())
+    trainer = build_trainer(pre, backend, output_dir, resolved, callbacks)
+    trainer.restore()
+    try:
+        return trainer.train()
+    finally:
+        # The runtime's compile, transfer and execution counters: the first thing to read when
+        # a run is slower than expected.
+        if (report := backend.metrics_report()) is not None:
+            (output_dir / f"xla_metrics_{backend.process_index:05d}.txt").write_text(report)
+        if cfg.debug.dump_hlo and not backend.device_kind.startswith("TPU"):
+            prune_compiler_dumps(hlo_dir(output_dir) / "xla")
+
+
+def build_trainer(
+    pre: Preflight,
+    backend: Backend,
+    output_dir: Path,
+    resolved: dict[str, Any],
+    callbacks: Sequence[StepCallback] = (),
+) -> BaseTrainer:
+    """Steps 2 to 4 of this module's story, for a pre-flight without problems."""
+    cfg, mesh, model = pre.cfg, pre.mesh, pre.model
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    if cfg.model.pretrained_path:
+        from models.hf import hf_weights_init
+
+        weights = hf_weights_init(cfg.model.pretrained_path)
+        materialize(model, pre.specs, mesh, backend, weights, generator)
+        weights.check_all_used()
+        log.info("model: weights from %s", cfg.model.pretrained_path)
+    else:
+        materialize(model, pre.specs, mesh, backend, model.init_module_weights, generator)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("model: %s, %.2fM parameters, %s", cfg.model.name, n_params / 1e6, cfg.dtype)
+    if backend.is_xla:
+        shard_activations(model, pre.activation_specs, mesh, backend)
+        if left := replicated(pre.specs):
+            log.info("sharding: %d parameters replicated (no pattern): %s", len(left),
+                     ", ".join(left))
+    apply_rewriting(model, cfg.model.remat, backend)
+    if cfg.model.attention_kernel in TPU_KERNELS:
+        place_kernels(model, KernelPlacement(backend, mesh, pre.qkv_spec))
+
+    sinks = []
+    if cfg.wandb.enabled and backend.process_index == 0:
+        from trainers.wandb_logger import WandbLogger
+
+        sinks.append(WandbLogger(cfg.wandb, cfg.run_name, output_dir, resolved))
+    return make_trainer(
+        cfg.trainer, model, backend, mesh, pre.batches, output_dir,
+        tokens_per_step=cfg.trainer.global_batch_size * cfg.data.block_size,
+        flops_per_token=model_flops_per_token(model, cfg.data.block_size),
+        peak_flops=peak_flops(backend.device_kind, cfg.trainer.peak_flops_per_device),
+        sinks=sinks,
+        callbacks=[
+            StepProfiler(cfg.profile, backend, output_dir),
+            GraphDumper(cfg.debug, backend, output_dir),
+            *callbacks,
+        ],
+    )

@@ -1,0 +1,195 @@
+"""Where a run's numbers go, and what it reports at the end.
+
+The trainer hands `MetricsLogger.log` the values of a logged step (read on the host, in a step
+closure); the logger adds throughput, step time, mfu and the compile count, writes the record
+to metrics.jsonl (the coordinator only: the loss is global already) and to every sink (wandb),
+and shows it on the progress bar, or as a log line where there is no terminal. At the end it
+gives the figures of the summary.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Protocol
+
+from tqdm.auto import tqdm
+
+from torchprime.backend.base import Backend
+from trainers.hosts import is_coordinator
+from trainers.metrics import MetricsFile, truncate_metrics
+
+log = logging.getLogger(__name__)
+
+
+class Sink(Protocol):
+    """Somewhere else the records go (wandb)."""
+
+    def log(self, record: dict[str, Any]) -> None: ...
+
+    def close(self, failed: bool = False) -> None: ...
+
+
+@dataclass
+class TrainSummary:
+    """What a finished (or stopped) run reports, and train.py prints."""
+
+    steps: int
+    """The last step done (counting the steps of the runs this one resumed)."""
+    max_steps: int
+    start_step: int
+    """The step this process started after (0, or the resumed checkpoint's)."""
+    first_loss: Optional[float]
+    last_loss: Optional[float]
+    tokens_per_sec: float
+    """Over the steps after the first one of this process (which includes compilation)."""
+    elapsed_s: float
+    compiles: Optional[int]
+    metrics_path: Path
+    checkpoint: Optional[Path]
+    resumed_from: Optional[Path] = None
+    stopped: Optional[str] = None
+    """Why the run stopped before max_steps (SIGTERM, trainer.stop_at_step), if it did."""
+    skipped_steps: int = 0
+    hf_export: Optional[Path] = None
+
+
+class MetricsLogger:
+    """The numbers of one training process: metrics.jsonl, sinks, progress, summary figures."""
+
+    def __init__(
+        self,
+        path: Path,
+        backend: Backend,
+        tokens_per_step: int,
+        flops_per_token: Optional[float] = None,
+        peak_flops: Optional[float] = None,
+        progress_bar: bool = True,
+        sinks: Sequence[Sink] = (),
+    ):
+        self.path = path
+        self.backend = backend
+        self.tokens_per_step = tokens_per_step
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops
+        self.show_bar = progress_bar and sys.stderr.isatty()
+        """A bar on a terminal; logged lines instead in files and pod logs (no terminal)."""
+        self.sinks = list(sinks)
+        self._file: Optional[MetricsFile] = None
+        self._bar: Optional[tqdm] = None
+        self.losses: list[Optional[float]] = []
+        self.skipped_steps = 0
+        self._window = (0, 0.0)  # (step, time) of the previous logged step
+        self._steady: Optional[tuple[int, float]] = None  # the first logged step's
+
+    def truncate(self, last_step: int) -> int:
+        """Drop the records after `last_step` (a resumed run logs them again); returns how
+        many were dropped. The coordinator edits the file; other hosts do nothing."""
+        return truncate_metrics(self.path, last_step) if is_coordinator() else 0
+
+    def start(self, start_step: int, max_steps: int) -> None:
+        if is_coordinator():
+            self._file = MetricsFile(self.path)
+        self._window = (start_step, time.perf_counter())
+        self._bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step",
+                         disable=not self.show_bar)
+
+    def step_done(self) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def log(self, step: int, values: dict[str, float]) -> dict[str, Any]:
+        """Record the host values of `step`; returns the record as written."""
+        now = time.perf_counter()
+        prev_step, prev_time = self._window
+        elapsed = max(now - prev_time, 1e-9)
+        steps = step - prev_step
+        tokens_per_sec = steps * self.tokens_per_step / elapsed
+        record = {
+            "step": step,
+            **{k: (int(v) if k == "skipped_steps" else float(v)) for k, v in values.items()},
+            "tokens_per_sec": tokens_per_sec,
+            "step_time_s": elapsed / steps,
+        }
+        if self.flops_per_token and self.peak_flops:
+            record["mfu"] = (
+                tokens_per_sec * self.flops_per_token
+                / (self.peak_flops * self.backend.device_count)
+            )
+        compiles = self.backend.compile_count()
+        if compiles is not None:
+            record["compiles"] = compiles
+        if self._file is not None:
+            self._file.write(record)
+        for sink in self.sinks:
+            sink.log(record)
+        self.losses.append(record.get("loss"))
+        self.skipped_steps = record.get("skipped_steps", self.skipped_steps)
+        self._window = (step, now)
+        if self._steady is None:
+            self._steady = (step, now)
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+        if not self.show_bar:
+            log.info("step %d  loss %.4f  lr %.2e  %.0f tok/s", step, record["loss"],
+                     record["lr"], tokens_per_sec)
+        return record
+
+    def close(self, failed: bool) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._file is not None:
+            self._file.close()
+        for sink in self.sinks:
+            sink.close(failed=failed)
+
+    def steady_tokens_per_sec(self, start_step: int, step: int, elapsed: float) -> float:
+        """Tokens/s from the first logged step (which compiles) to the last; over the whole
+        run when fewer than two steps were logged."""
+        first_step, first_time = self._steady or (start_step, 0.0)
+        last_step, last_time = self._window
+        if last_step > first_step:
+            return (last_step - first_step) * self.tokens_per_step / (last_time - first_time)
+        return (step - start_step) * self.tokens_per_step / elapsed
+
+    def summary(self, **fields: Any) -> TrainSummary:
+        """The run's summary: the loss figures from the logged steps, plus `fields`."""
+        losses = [x for x in self.losses if x is not None]
+        return TrainSummary(
+            first_loss=losses[0] if losses else None,
+            last_loss=losses[-1] if losses else None,
+            compiles=self.backend.compile_count(),
+            metrics_path=self.path,
+            skipped_steps=self.skipped_steps,
+            **fields,
+        )
+
+
+def format_summary(s: TrainSummary) -> str:
+    """The summary a run prints when it ends."""
+    lines = ["", f"run stopped ({s.stopped})" if s.stopped else "run finished"]
+    if s.resumed_from:
+        lines.append(f"  resumed from  {s.resumed_from}")
+    lines.append(f"  steps         {s.steps}" + (f" of {s.max_steps}" if s.stopped else ""))
+    if s.first_loss is not None and s.last_loss is not None:
+        drop = 100 * (s.first_loss - s.last_loss) / s.first_loss if s.first_loss else 0.0
+        lines.append(f"  loss          {s.first_loss:.4f} -> {s.last_loss:.4f} ({drop:.0f}% lower)")
+    if s.skipped_steps:
+        lines.append(f"  skipped       {s.skipped_steps} steps (non-finite gradients)")
+    lines += [
+        f"  throughput    {s.tokens_per_sec:,.0f} tokens/s (after the first step)",
+        f"  time          {s.elapsed_s:.1f} s",
+    ]
+    if s.compiles is not None:
+        lines.append(f"  compilations  {s.compiles}")
+    lines.append(f"  metrics       {s.metrics_path}")
+    lines.append(f"  checkpoint    {s.checkpoint or '(none saved)'}")
+    if s.hf_export:
+        lines.append(f"  hf export     {s.hf_export}")
+    if s.stopped:
+        lines.append("  continue with the same command and trainer.resume=auto")
+    return "\n".join(lines)
