@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -33,12 +32,12 @@ class TargetConfig:
     """The hardware a config is written for, so a machine without it can check the config
     (plan_only, dry_run) and the real run can check it landed on the right pod."""
 
-    chip: Optional[ChipName] = None
+    chip: ChipName | None = None
     """TPU generation: v4, v5e, v5p or v6e (sets the HBM per chip); null: not said."""
-    num_devices: Optional[int] = None
+    num_devices: int | None = None
     """Chips of the whole pod, all slices (v5p-128 has 64 chips: one device per chip). Fills a
     -1 mesh axis in plan_only and dry_run; a TPU run on another count stops at start-up."""
-    hbm_gib: Optional[float] = None
+    hbm_gib: float | None = None
     """HBM per chip in GiB, overriding the chip's figure (v4 32, v5e 16, v5p 95, v6e 32)."""
 
     def problems(self, key: str = "target") -> Problems:
@@ -48,7 +47,8 @@ class TargetConfig:
             f"{key}.num_devices={self.num_devices}: must be at least 1.",
         )
         found.check(
-            self.hbm_gib is None or self.hbm_gib > 0, f"{key}.hbm_gib={self.hbm_gib}: must be positive."
+            self.hbm_gib is None or self.hbm_gib > 0,
+            f"{key}.hbm_gib={self.hbm_gib}: must be positive.",
         )
         return found
 
@@ -62,7 +62,7 @@ class TrainConfig:
     backend: BackendName = BackendName.auto
     """auto, xla, cpu or cuda. auto: XLA on a TPU host, CUDA when a GPU is visible, else XLA on
     virtual CPU devices when torch_xla is installed (real SPMD), else plain PyTorch on the CPU."""
-    cpu_devices: Optional[int] = None
+    cpu_devices: int | None = None
     """Virtual devices for XLA on the CPU (CPU_NUM_DEVICES); null: as many as the mesh has.
     Ignored on TPU, where the chips are counted."""
     dtype: DType = DType.float32
@@ -108,7 +108,9 @@ class TrainConfig:
                 f"cpu_devices={self.cpu_devices}: XLA on the CPU runs 1 to {MAX_CPU_DEVICES} "
                 "virtual devices.",
             )
-        found.check(self.dry_run_steps >= 2, f"dry_run_steps={self.dry_run_steps}: must be at least 2.")
+        found.check(
+            self.dry_run_steps >= 2, f"dry_run_steps={self.dry_run_steps}: must be at least 2."
+        )
         found.check(
             1 <= self.dry_run_devices <= MAX_CPU_DEVICES,
             f"dry_run_devices={self.dry_run_devices}: XLA on the CPU runs 1 to {MAX_CPU_DEVICES} "
@@ -133,7 +135,7 @@ def register_schema() -> None:
     ConfigStore.instance().store(name="schema", node=TrainConfig)
 
 
-def mesh_size(cfg: TrainConfig) -> Optional[int]:
+def mesh_size(cfg: TrainConfig) -> int | None:
     """Devices the mesh asks for, or None when an axis is -1 (it fills the devices there are)."""
     sizes = list(vars(cfg.ici_mesh).values()) + list(vars(cfg.dcn_mesh).values())
     if -1 in sizes:

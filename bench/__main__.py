@@ -21,8 +21,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 #: name → the command (after `python -m`) that measures it; the JSON path is appended.
@@ -43,7 +44,7 @@ SETUP_NAMES = {
 }
 
 
-def run_part(name: str, folder: Path, steps: Optional[int]) -> dict[str, Any]:
+def run_part(name: str, folder: Path, steps: int | None) -> dict[str, Any]:
     command = [sys.executable, "-m", *PARTS[name]]
     if steps is not None and name in ("eager", "compiled", "xla"):
         command += ["--steps", str(steps)]
@@ -64,13 +65,15 @@ def run_part(name: str, folder: Path, steps: Optional[int]) -> dict[str, Any]:
 
 # -- BENCHMARKS.md ------------------------------------------------------------------------
 def _table(header: list[str], rows: list[list[str]], align: str) -> str:
-    lines = ["| " + " | ".join(header) + " |",
-             "| " + " | ".join("---:" if a == "r" else "---" for a in align) + " |"]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "| " + " | ".join("---:" if a == "r" else "---" for a in align) + " |",
+    ]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def _pct(x: Optional[float]) -> str:
+def _pct(x: float | None) -> str:
     return "-" if x is None else f"{x:.0%}"
 
 
@@ -82,36 +85,62 @@ def side_by_side_md(results: dict[str, Any]) -> str:
         r = results[mode]
         ours, hf = r["sides"]["ours"], r["sides"]["HF"]
         compiles = "-" if ours["compiles"] is None else f"{ours['compiles']} / {hf['compiles']}"
-        rows.append([
-            SETUP_NAMES[mode], f"{ours['median_s']:.2f}", f"{hf['median_s']:.2f}",
-            f"**{r['ratio']:.2f}×**", f"{ours['min_s']:.2f} / {hf['min_s']:.2f}",
-            f"{r['best_ratio']:.2f}×", f"{ours['cpu_s']:.2f} / {hf['cpu_s']:.2f}",
-            f"{r['cpu_ratio']:.2f}×", f"{ours['warmup_s']:.1f} / {hf['warmup_s']:.1f}", compiles,
-            f"{ours['first_loss']:.5f} / {hf['first_loss']:.5f}",
-        ])
+        rows.append(
+            [
+                SETUP_NAMES[mode],
+                f"{ours['median_s']:.2f}",
+                f"{hf['median_s']:.2f}",
+                f"**{r['ratio']:.2f}×**",
+                f"{ours['min_s']:.2f} / {hf['min_s']:.2f}",
+                f"{r['best_ratio']:.2f}×",
+                f"{ours['cpu_s']:.2f} / {hf['cpu_s']:.2f}",
+                f"{r['cpu_ratio']:.2f}×",
+                f"{ours['warmup_s']:.1f} / {hf['warmup_s']:.1f}",
+                compiles,
+                f"{ours['first_loss']:.5f} / {hf['first_loss']:.5f}",
+            ]
+        )
     table = _table(
-        ["setup", "ours s/step", "HF s/step", "HF / ours", "fastest step s (ours / HF)",
-         "HF / ours, fastest", "CPU s/step (ours / HF)", "HF / ours, CPU", "warm-up s (ours / HF)",
-         "compilations (ours / HF)", "first loss (ours / HF)"],
-        rows, "lrrrrrrrrrr",
+        [
+            "setup",
+            "ours s/step",
+            "HF s/step",
+            "HF / ours",
+            "fastest step s (ours / HF)",
+            "HF / ours, fastest",
+            "CPU s/step (ours / HF)",
+            "HF / ours, CPU",
+            "warm-up s (ours / HF)",
+            "compilations (ours / HF)",
+            "first loss (ours / HF)",
+        ],
+        rows,
+        "lrrrrrrrrrr",
     )
     any_r = next(iter(results[m] for m in ("eager", "compiled", "xla") if m in results))
-    lines = [table, "",
-             f"Median wall time of {any_r['steps']} timed steps after the warm-up steps, ours "
-             "and HF alternating; the fastest of them; and the median CPU time of a step (all "
-             "threads), which load from other jobs hardly changes. Ratio lines of this run "
-             "(verdicts on the median wall time):"]
+    lines = [
+        table,
+        "",
+        f"Median wall time of {any_r['steps']} timed steps after the warm-up steps, ours "
+        "and HF alternating; the fastest of them; and the median CPU time of a step (all "
+        "threads), which load from other jobs hardly changes. Ratio lines of this run "
+        "(verdicts on the median wall time):",
+    ]
     for mode in ("eager", "compiled", "xla"):
         if mode in results:
             verdict = "met" if results[mode]["ratio"] >= 1.0 else "missed"
             r = results[mode]
-            lines.append(f"- {mode}: HF / ours = {r['ratio']:.2f}× (target ≥ 1.0×: {verdict}); "
-                         f"fastest steps {r['best_ratio']:.2f}×, CPU time {r['cpu_ratio']:.2f}×")
+            lines.append(
+                f"- {mode}: HF / ours = {r['ratio']:.2f}× (target ≥ 1.0×: {verdict}); "
+                f"fastest steps {r['best_ratio']:.2f}×, CPU time {r['cpu_ratio']:.2f}×"
+            )
     if "xla" in results:
         s = results["xla"]["sides"]
         verdict = "met" if s["ours"]["compiles"] <= s["HF"]["compiles"] else "missed"
-        lines.append(f"- xla compilations: ours {s['ours']['compiles']}, HF {s['HF']['compiles']}"
-                     f" (target: fewer or equal: {verdict})")
+        lines.append(
+            f"- xla compilations: ours {s['ours']['compiles']}, HF {s['HF']['compiles']}"
+            f" (target: fewer or equal: {verdict})"
+        )
     return "\n".join(lines)
 
 
@@ -124,54 +153,92 @@ def mfu_md(results: dict[str, Any]) -> str:
         ours, hf = r["sides"]["ours"], r["sides"]["HF"]
         peak, flops = r["matmul_flops"], r["flops_per_step"]
         best, best_hf = flops / ours["min_s"] / peak, flops / hf["min_s"] / peak
-        rows.append([
-            SETUP_NAMES[mode], f"{peak / 1e9:.0f}", f"{flops / ours['min_s'] / 1e9:.0f}",
-            f"**{best:.0%}**", f"{best_hf:.0%}", f"{ours['mfu']:.0%} / {hf['mfu']:.0%}",
-            f"{r['model_matmul_flops'] / peak:.0%}", f"≥ {target:.0%}",
-            "met" if best >= target else "missed",
-        ])
+        rows.append(
+            [
+                SETUP_NAMES[mode],
+                f"{peak / 1e9:.0f}",
+                f"{flops / ours['min_s'] / 1e9:.0f}",
+                f"**{best:.0%}**",
+                f"{best_hf:.0%}",
+                f"{ours['mfu']:.0%} / {hf['mfu']:.0%}",
+                f"{r['model_matmul_flops'] / peak:.0%}",
+                f"≥ {target:.0%}",
+                "met" if best >= target else "missed",
+            ]
+        )
     if not rows:
         return "(not measured in this run)"
     any_r = next(iter(results[m] for m in MFU_TARGETS if m in results))
-    return "\n".join([
-        _table(["setup", "matmul GFLOP/s", "ours GFLOP/s (fastest step)", "ours MFU",
-                "HF MFU", "MFU at the median step (ours / HF)",
-                "ceiling (the model's products alone)", "target", "verdict"],
-               rows, "lrrrrrrrl"),
-        "",
-        f"Model FLOPs of one step: {any_r['flops_per_step'] / 1e9:.0f} GFLOP (batch 4 × 256). "
-        "The matrix-multiply figure is the best of 10 float32 2048² products, measured in the "
-        "same process before and after the steps; being a best case, it is compared with the "
-        "fastest step (the verdict), and the median step's MFU is shown beside it. The ceiling is "
-        "the FLOP/s of the step's own matrix products (every linear layer's forward and two "
-        "backward products at 1024 tokens, timed alone) over the peak: the MFU of a step that "
-        "spent no time on anything else.",
-    ])
+    return "\n".join(
+        [
+            _table(
+                [
+                    "setup",
+                    "matmul GFLOP/s",
+                    "ours GFLOP/s (fastest step)",
+                    "ours MFU",
+                    "HF MFU",
+                    "MFU at the median step (ours / HF)",
+                    "ceiling (the model's products alone)",
+                    "target",
+                    "verdict",
+                ],
+                rows,
+                "lrrrrrrrl",
+            ),
+            "",
+            f"Model FLOPs of one step: {any_r['flops_per_step'] / 1e9:.0f} GFLOP (batch 4 × 256). "
+            "The matrix-multiply figure is the best of 10 float32 2048² products, measured in the "
+            "same process before and after the steps; being a best case, it is compared with the "
+            "fastest step (the verdict), and the median step's MFU is shown beside it. The "
+            "ceiling is "
+            "the FLOP/s of the step's own matrix products (every linear layer's forward and two "
+            "backward products at 1024 tokens, timed alone) over the peak: the MFU of a step that "
+            "spent no time on anything else.",
+        ]
+    )
 
 
 def remat_md(r: dict[str, Any]) -> str:
-    rows = [[name, f"{v['baseline_mib']:,.0f}", f"{v['forward_mib']:,.0f}", f"{v['step_mib']:,.0f}"]
-            for name, v in r["variants"].items()]
+    rows = [
+        [name, f"{v['baseline_mib']:,.0f}", f"{v['forward_mib']:,.0f}", f"{v['step_mib']:,.0f}"]
+        for name, v in r["variants"].items()
+    ]
     verdict = "met" if r["forward_ratio"] >= 2.0 else "missed"
-    return "\n".join([
-        _table(["variant", "baseline MiB", "forward peak above it MiB", "step peak above it MiB"],
-               rows, "lrrr"),
-        "",
-        f"Activation memory without / with remat: **{r['forward_ratio']:.2f}×** (target ≥ 2×: "
-        f"{verdict}); the whole step's peak: {r['step_ratio']:.2f}×.",
-    ])
+    return "\n".join(
+        [
+            _table(
+                ["variant", "baseline MiB", "forward peak above it MiB", "step peak above it MiB"],
+                rows,
+                "lrrr",
+            ),
+            "",
+            f"Activation memory without / with remat: **{r['forward_ratio']:.2f}×** (target ≥ 2×: "
+            f"{verdict}); the whole step's peak: {r['step_ratio']:.2f}×.",
+        ]
+    )
 
 
 def compile_scan_md(r: dict[str, Any]) -> str:
-    rows = [[str(x["depth"]), x["variant"], f"{x['compile_s']:.1f}", f"{x['first_steps_s']:.1f}",
-             f"{x['step_s']:.2f}"] for x in r["rows"]]
+    rows = [
+        [
+            str(x["depth"]),
+            x["variant"],
+            f"{x['compile_s']:.1f}",
+            f"{x['first_steps_s']:.1f}",
+            f"{x['step_s']:.2f}",
+        ]
+        for x in r["rows"]
+    ]
     depths = sorted({x["depth"] for x in r["rows"]})
-    return "\n".join([
-        _table(["depth", "variant", "compile s", "first 2 steps s", "step s"], rows, "rlrrr"),
-        "",
-        f"Compile time from depth {depths[0]} to {depths[-1]}: unrolled "
-        f"{r['growth_unrolled']:.2f}×, scan {r['growth_scan']:.2f}×.",
-    ])
+    return "\n".join(
+        [
+            _table(["depth", "variant", "compile s", "first 2 steps s", "step s"], rows, "rlrrr"),
+            "",
+            f"Compile time from depth {depths[0]} to {depths[-1]}: unrolled "
+            f"{r['growth_unrolled']:.2f}×, scan {r['growth_scan']:.2f}×.",
+        ]
+    )
 
 
 def data_pipeline_md(r: dict[str, Any]) -> str:
@@ -181,12 +248,14 @@ def data_pipeline_md(r: dict[str, Any]) -> str:
     label = {n: ("byte" if n == "byte" else f"BPE, vocabulary {r['bpe_vocab']}") for n in names}
     rows = [[label[n], *(f"{rate[(n, p)]:,.0f}" for p in packings)] for n in names]
     verdict = "met" if r["ratio"] >= 10 else "missed"
-    return "\n".join([
-        _table(["tokenizer", *packings], rows, "l" + "r" * len(packings)),
-        "",
-        f"Training: {r['train_tokens_per_sec']:,.0f} tokens/s. Slowest pipeline / training = "
-        f"{r['ratio']:,.0f}× (target ≥ 10×: {verdict}).",
-    ])
+    return "\n".join(
+        [
+            _table(["tokenizer", *packings], rows, "l" + "r" * len(packings)),
+            "",
+            f"Training: {r['train_tokens_per_sec']:,.0f} tokens/s. Slowest pipeline / training = "
+            f"{r['ratio']:,.0f}× (target ≥ 10×: {verdict}).",
+        ]
+    )
 
 
 def run_md(results: dict[str, Any], total_s: float) -> str:
@@ -194,9 +263,11 @@ def run_md(results: dict[str, Any], total_s: float) -> str:
 
     when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (f"Last `python -m bench`: {when}, {os.cpu_count()} cores, torch "
-            f"{torch.__version__.split('+')[0]}, {len(results)} benchmarks in {total_s / 60:.1f} "
-            f"minutes; load average at the end {load}.")
+    return (
+        f"Last `python -m bench`: {when}, {os.cpu_count()} cores, torch "
+        f"{torch.__version__.split('+')[0]}, {len(results)} benchmarks in {total_s / 60:.1f} "
+        f"minutes; load average at the end {load}."
+    )
 
 
 SECTIONS: dict[str, tuple[tuple[str, ...], Callable[..., str]]] = {
@@ -221,8 +292,10 @@ def write_markdown(path: Path, results: dict[str, Any], total_s: float) -> None:
     for name, block in blocks.items():
         pattern = re.compile(rf"(<!-- bench:{name} -->\n).*?(<!-- /bench:{name} -->)", re.S)
         if not pattern.search(text):
-            raise SystemExit(f"{path}: no <!-- bench:{name} --> ... <!-- /bench:{name} --> "
-                             "markers to write this run's figures between.")
+            raise SystemExit(
+                f"{path}: no <!-- bench:{name} --> ... <!-- /bench:{name} --> "
+                "markers to write this run's figures between."
+            )
         text = pattern.sub(lambda m: m.group(1) + block + "\n" + m.group(2), text)
     path.write_text(text, encoding="utf-8")
 
@@ -235,9 +308,13 @@ def write_chart(path: Path, results: dict[str, Any]) -> None:
     import matplotlib.pyplot as plt
 
     modes = [m for m in ("eager", "compiled", "xla") if m in results]
-    panels = [p for p in ("time", "mfu", "remat") if
-              (p == "time" and modes) or (p == "mfu" and any(m in results for m in MFU_TARGETS))
-              or (p == "remat" and "remat" in results)]
+    panels = [
+        p
+        for p in ("time", "mfu", "remat")
+        if (p == "time" and modes)
+        or (p == "mfu" and any(m in results for m in MFU_TARGETS))
+        or (p == "remat" and "remat" in results)
+    ]
     if not panels:
         return
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
@@ -255,8 +332,13 @@ def write_chart(path: Path, results: dict[str, Any]) -> None:
             mfu_modes = [m for m in MFU_TARGETS if m in results]
             x = range(len(mfu_modes))
             for i, side in enumerate(("ours", "HF")):
-                values = [100 * results[m]["flops_per_step"] / results[m]["sides"][side]["min_s"]
-                          / results[m]["matmul_flops"] for m in mfu_modes]
+                values = [
+                    100
+                    * results[m]["flops_per_step"]
+                    / results[m]["sides"][side]["min_s"]
+                    / results[m]["matmul_flops"]
+                    for m in mfu_modes
+                ]
                 ax.bar([j + (i - 0.5) * width for j in x], values, width, label=side)
             for j, m in enumerate(mfu_modes):
                 target = 100 * MFU_TARGETS[m]
@@ -281,14 +363,26 @@ def write_chart(path: Path, results: dict[str, Any]) -> None:
     plt.close(fig)
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--only", nargs="+", choices=list(PARTS), default=list(PARTS),
-                        help="run these benchmarks only (the others' figures are kept)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="timed steps of each side in the HF comparisons (default 7)")
-    parser.add_argument("--no-write", action="store_true",
-                        help="print the tables only; leave BENCHMARKS.md and the chart alone")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=list(PARTS),
+        default=list(PARTS),
+        help="run these benchmarks only (the others' figures are kept)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="timed steps of each side in the HF comparisons (default 7)",
+    )
+    parser.add_argument(
+        "--no-write",
+        action="store_true",
+        help="print the tables only; leave BENCHMARKS.md and the chart alone",
+    )
     parser.add_argument("--markdown", type=Path, default=ROOT / "BENCHMARKS.md")
     parser.add_argument("--chart", type=Path, default=ROOT / "benchmarks.png")
     args = parser.parse_args(argv)

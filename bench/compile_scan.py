@@ -13,9 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from pathlib import Path
-from typing import Optional
 import time
+from pathlib import Path
 
 os.environ.setdefault("PJRT_DEVICE", "CPU")
 
@@ -72,7 +71,7 @@ def measure(backend, mesh, depth: int, scan: bool, steps: int) -> dict[str, floa
     }
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depths", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--steps", type=int, default=5)
@@ -88,8 +87,11 @@ def main(argv: Optional[list[str]] = None) -> None:
             r = measure(backend, mesh, depth, scan, args.steps)
             rows.append((depth, scan, r))
             variant = "scan" if scan else "unrolled"
-            print(f"{depth:>5} {variant:>9} {r['compile_s']:>10.2f} {r['first_steps_s']:>16.2f} "
-                  f"{r['step_s']:>8.3f}", flush=True)
+            print(
+                f"{depth:>5} {variant:>9} {r['compile_s']:>10.2f} {r['first_steps_s']:>16.2f} "
+                f"{r['step_s']:>8.3f}",
+                flush=True,
+            )
     deep, shallow = max(args.depths), min(args.depths)
     compile_of = {(d, s): r["compile_s"] for d, s, r in rows}
     growth_unrolled = compile_of[(deep, False)] / compile_of[(shallow, False)]
@@ -100,11 +102,21 @@ def main(argv: Optional[list[str]] = None) -> None:
         f"{compile_of[(deep, True)] / compile_of[(deep, False)]:.2f}x the unrolled time"
     )
     if args.json:
-        args.json.write_text(json.dumps({
-            "devices": args.devices, "steps": args.steps,
-            "rows": [{"depth": d, "variant": "scan" if s else "unrolled", **r} for d, s, r in rows],
-            "growth_unrolled": growth_unrolled, "growth_scan": growth_scan,
-        }, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "devices": args.devices,
+                    "steps": args.steps,
+                    "rows": [
+                        {"depth": d, "variant": "scan" if s else "unrolled", **r}
+                        for d, s, r in rows
+                    ],
+                    "growth_unrolled": growth_unrolled,
+                    "growth_scan": growth_scan,
+                },
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ import logging
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -83,12 +82,16 @@ def train_bpe_tokenizer(folder: Path, vocab_size: int, max_bytes: int) -> tuple[
     return out, time.perf_counter() - start
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m bench.data_pipeline", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--train-tokens-per-sec", type=float, default=None,
-                        help="training's tokens/s on one host (default: measure here)")
+    parser.add_argument(
+        "--train-tokens-per-sec",
+        type=float,
+        default=None,
+        help="training's tokens/s on one host (default: measure here)",
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="host batch (rows)")
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--seconds", type=float, default=4.0, help="time each setup this long")
@@ -106,12 +109,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     except ImportError:
         pass
 
-    print(f"data pipeline on the default corpus (stdlib), host batch {args.batch_size} x "
-          f"{args.block_size}, {torch.get_num_threads()} torch threads")
+    print(
+        f"data pipeline on the default corpus (stdlib), host batch {args.batch_size} x "
+        f"{args.block_size}, {torch.get_num_threads()} torch threads"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         bpe, secs = train_bpe_tokenizer(Path(tmp), args.bpe_vocab, args.bpe_train_bytes)
-        print(f"(BPE: vocabulary {args.bpe_vocab} trained on {args.bpe_train_bytes / 1e6:.0f} MB "
-              f"in {secs:.1f} s)\n")
+        print(
+            f"(BPE: vocabulary {args.bpe_vocab} trained on {args.bpe_train_bytes / 1e6:.0f} MB "
+            f"in {secs:.1f} s)\n"
+        )
         print(f"{'tokenizer':<12}{'packing':<10}{'tokens/s':>14}{'batches':>10}")
         results = []
         for name, tokenizer in (("byte", "byte"), (f"bpe{args.bpe_vocab}", str(bpe))):
@@ -123,22 +130,36 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     if args.train_tokens_per_sec is None:
         train = training_tokens_per_sec(args.batch_size, args.block_size, args.train_steps)
-        print(f"\ntraining: tiny Llama (LlamaConfig()), eager CPU, float32, AdamW, batch "
-              f"{args.batch_size} x {args.block_size}: {train:,.0f} tokens/s")
+        print(
+            f"\ntraining: tiny Llama (LlamaConfig()), eager CPU, float32, AdamW, batch "
+            f"{args.batch_size} x {args.block_size}: {train:,.0f} tokens/s"
+        )
     else:
         train = args.train_tokens_per_sec
         print(f"\ntraining: {train:,.0f} tokens/s (given)")
     name, packing, slowest = min(results, key=lambda r: r[2])
     ratio = slowest / train
     verdict = "OK" if ratio >= TARGET else f"below the {TARGET:g}x target"
-    print(f"ratio: slowest pipeline ({name}, {packing}) {slowest:,.0f} / training {train:,.0f} "
-          f"tokens/s = {ratio:,.1f}x (target >= {TARGET:g}x): {verdict}")
+    print(
+        f"ratio: slowest pipeline ({name}, {packing}) {slowest:,.0f} / training {train:,.0f} "
+        f"tokens/s = {ratio:,.1f}x (target >= {TARGET:g}x): {verdict}"
+    )
     if args.json:
-        args.json.write_text(json.dumps({
-            "batch_size": args.batch_size, "block_size": args.block_size,
-            "bpe_vocab": args.bpe_vocab, "train_tokens_per_sec": train, "ratio": ratio,
-            "rows": [{"tokenizer": t, "packing": p, "tokens_per_sec": r} for t, p, r in results],
-        }, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "batch_size": args.batch_size,
+                    "block_size": args.block_size,
+                    "bpe_vocab": args.bpe_vocab,
+                    "train_tokens_per_sec": train,
+                    "ratio": ratio,
+                    "rows": [
+                        {"tokenizer": t, "packing": p, "tokens_per_sec": r} for t, p, r in results
+                    ],
+                },
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -23,8 +23,9 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Compile from scratch, both sides: inductor's on-disk cache would make the warm-up time depend
@@ -33,12 +34,8 @@ os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")
 
 import torch  # noqa: E402
 
-#: The reference shapes of the comparison (issue figures were measured with them).
-SHAPES = dict(
-    vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
-    num_attention_heads=8, num_key_value_heads=8,
-)
-BATCH, SEQ = 4, 256
+from bench.shapes import BATCH, SEQ, SHAPES  # noqa: E402
+
 LR, BETAS, WEIGHT_DECAY = 3e-3, (0.9, 0.95), 0.1
 FSDP_PRESET = Path(__file__).resolve().parent.parent / "configs/model/sharding/fsdp.yaml"
 MODES = ("eager", "compiled", "xla")
@@ -67,28 +64,41 @@ class Ours:
         from torchprime.materialize import materialize
         from torchprime.rewriting import RematConfig, apply_rewriting
         from torchprime.sharding import (
-            ShardingConfig, plan_activation_specs, plan_parameter_specs, shard_activations,
+            ShardingConfig,
+            plan_activation_specs,
+            plan_parameter_specs,
+            shard_activations,
         )
-        from trainers.config import OptimizerConfig, TrainerConfig
         from trainers import make_trainer
+        from trainers.config import OptimizerConfig, TrainerConfig
 
         sharding = fsdp_sharding() if backend.is_xla else ShardingConfig()
         cfg = LlamaConfig(**SHAPES, sharding=sharding)
         self.model = build_model(cfg, torch.float32)
         specs = plan_parameter_specs(self.model, cfg.sharding, mesh)
-        materialize(self.model, specs, mesh, backend, self.model.init_module_weights,
-                    torch.Generator().manual_seed(0))
+        materialize(
+            self.model,
+            specs,
+            mesh,
+            backend,
+            self.model.init_module_weights,
+            torch.Generator().manual_seed(0),
+        )
         if backend.is_xla:
-            shard_activations(self.model, plan_activation_specs(self.model, sharding), mesh,
-                              backend)
+            shard_activations(
+                self.model, plan_activation_specs(self.model, sharding), mesh, backend
+            )
         apply_rewriting(self.model, RematConfig(), backend)
         trainer_cfg = TrainerConfig(
-            compile=mode == "compiled", progress_bar=False,
-            optimizer=OptimizerConfig(lr=LR, beta1=BETAS[0], beta2=BETAS[1],
-                                      weight_decay=WEIGHT_DECAY),
+            compile=mode == "compiled",
+            progress_bar=False,
+            optimizer=OptimizerConfig(
+                lr=LR, beta1=BETAS[0], beta2=BETAS[1], weight_decay=WEIGHT_DECAY
+            ),
         )
-        self.trainer = make_trainer(trainer_cfg, self.model, backend, mesh, (), workdir,
-                                   tokens_per_step=BATCH * SEQ)
+        self.trainer = make_trainer(
+            trainer_cfg, self.model, backend, mesh, (), workdir, tokens_per_step=BATCH * SEQ
+        )
         self.trainer.model.train()
 
     def step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -117,8 +127,9 @@ class HF:
         if mode == "compiled":
             self.model.compile()
         self.model.train()
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=LR, betas=BETAS,
-                                           weight_decay=WEIGHT_DECAY)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY
+        )
 
     def step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         loss = self.model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
@@ -150,11 +161,10 @@ def warm_up_compiler() -> None:
 
 
 def run(mode: str, warmup: int, steps: int) -> dict[str, Any]:
+    from bench.mfu import linear_shapes, matmul_flops, model_matmul_flops
     from torchprime.backend import select_backend
     from torchprime.mesh import MeshAxesConfig, resolve_mesh
     from torchprime.sharding import BATCH_SPEC
-
-    from bench.mfu import linear_shapes, matmul_flops, model_matmul_flops
     from trainers.metrics import model_flops_per_token
 
     if mode == "xla":
@@ -180,8 +190,10 @@ def run(mode: str, warmup: int, steps: int) -> dict[str, Any]:
                 batch = {k: backend.place(v, mesh, BATCH_SPEC) for k, v in batch.items()}
             batches.append(batch)
         sides = (ours, hf)
-        record = {s.name: {"times": [], "cpu": [], "losses": [], "compiles": 0, "warmup_s": 0.0}
-                  for s in sides}
+        record = {
+            s.name: {"times": [], "cpu": [], "losses": [], "compiles": 0, "warmup_s": 0.0}
+            for s in sides
+        }
         for i, batch in enumerate(batches):
             last = {}
             for side in sides:
@@ -196,25 +208,43 @@ def run(mode: str, warmup: int, steps: int) -> dict[str, Any]:
                     r["times"].append(seconds)
                     r["cpu"].append(cpu)
             kind = "warm-up" if i < warmup else "timed"
-            print(f"  {mode} step {i + 1}/{len(batches)} ({kind}): "
-                  + ", ".join(f"{name} {t:.2f} s" for name, t in last.items()), flush=True)
+            print(
+                f"  {mode} step {i + 1}/{len(batches)} ({kind}): "
+                + ", ".join(f"{name} {t:.2f} s" for name, t in last.items()),
+                flush=True,
+            )
         flops_per_step = model_flops_per_token(ours.model, SEQ) * BATCH * SEQ
     peak = ceiling = None
     if peak_before is not None:
         peak = max(peak_before, matmul_flops())
-        ceiling = model_matmul_flops(linear_shapes(
-            SHAPES["vocab_size"], SHAPES["hidden_size"], SHAPES["intermediate_size"],
-            SHAPES["num_hidden_layers"]), BATCH * SEQ)
-    result: dict[str, Any] = {"mode": mode, "warmup": warmup, "steps": steps,
-                              "flops_per_step": flops_per_step, "matmul_flops": peak,
-                              "model_matmul_flops": ceiling,
-                              "threads": torch.get_num_threads(), "sides": {}}
+        ceiling = model_matmul_flops(
+            linear_shapes(
+                SHAPES["vocab_size"],
+                SHAPES["hidden_size"],
+                SHAPES["intermediate_size"],
+                SHAPES["num_hidden_layers"],
+            ),
+            BATCH * SEQ,
+        )
+    result: dict[str, Any] = {
+        "mode": mode,
+        "warmup": warmup,
+        "steps": steps,
+        "flops_per_step": flops_per_step,
+        "matmul_flops": peak,
+        "model_matmul_flops": ceiling,
+        "threads": torch.get_num_threads(),
+        "sides": {},
+    }
     for name, r in record.items():
         median = statistics.median(r["times"])
         result["sides"][name] = {
-            "median_s": median, "min_s": min(r["times"]), "max_s": max(r["times"]),
+            "median_s": median,
+            "min_s": min(r["times"]),
+            "max_s": max(r["times"]),
             "cpu_s": statistics.median(r["cpu"]),
-            "tokens_per_sec": BATCH * SEQ / median, "warmup_s": r["warmup_s"],
+            "tokens_per_sec": BATCH * SEQ / median,
+            "warmup_s": r["warmup_s"],
             "compiles": r["compiles"] if backend.is_xla else None,
             "first_loss": r["losses"][0],
             "mfu": flops_per_step / median / peak if peak else None,
@@ -227,32 +257,44 @@ def run(mode: str, warmup: int, steps: int) -> dict[str, Any]:
 
 
 def print_result(r: dict[str, Any]) -> None:
-    print(f"\n{r['mode']}: Llama vocab {SHAPES['vocab_size']}, hidden {SHAPES['hidden_size']}, "
-          f"{SHAPES['num_hidden_layers']} layers, batch {BATCH} x {SEQ}, float32, "
-          f"{r['warmup']} warm-up + {r['steps']} timed steps each, interleaved")
-    print(f"{'side':<6}{'median s':>10}{'min s':>8}{'max s':>8}{'CPU s':>8}{'tokens/s':>10}"
-          f"{'warm-up s':>11}{'compiles':>10}{'MFU':>7}{'loss 1':>10}")
+    print(
+        f"\n{r['mode']}: Llama vocab {SHAPES['vocab_size']}, hidden {SHAPES['hidden_size']}, "
+        f"{SHAPES['num_hidden_layers']} layers, batch {BATCH} x {SEQ}, float32, "
+        f"{r['warmup']} warm-up + {r['steps']} timed steps each, interleaved"
+    )
+    print(
+        f"{'side':<6}{'median s':>10}{'min s':>8}{'max s':>8}{'CPU s':>8}{'tokens/s':>10}"
+        f"{'warm-up s':>11}{'compiles':>10}{'MFU':>7}{'loss 1':>10}"
+    )
     for name, s in r["sides"].items():
         compiles = "-" if s["compiles"] is None else str(s["compiles"])
         mfu = "-" if s["mfu"] is None else f"{s['mfu']:.0%}"
-        print(f"{name:<6}{s['median_s']:>10.3f}{s['min_s']:>8.3f}{s['max_s']:>8.3f}{s['cpu_s']:>8.2f}"
-              f"{s['tokens_per_sec']:>10,.0f}{s['warmup_s']:>11.1f}{compiles:>10}{mfu:>7}"
-              f"{s['first_loss']:>10.5f}")
+        print(
+            f"{name:<6}{s['median_s']:>10.3f}{s['min_s']:>8.3f}{s['max_s']:>8.3f}{s['cpu_s']:>8.2f}"
+            f"{s['tokens_per_sec']:>10,.0f}{s['warmup_s']:>11.1f}{compiles:>10}{mfu:>7}"
+            f"{s['first_loss']:>10.5f}"
+        )
     if r["matmul_flops"]:
-        print(f"matrix multiply: {r['matmul_flops'] / 1e9:.0f} GFLOP/s peak, "
-              f"{r['model_matmul_flops'] / 1e9:.0f} GFLOP/s for the model's own products "
-              f"(MFU ceiling {r['model_matmul_flops'] / r['matmul_flops']:.0%}); model "
-              f"{r['flops_per_step'] / 1e9:.0f} GFLOP a step")
-    print(f"ratio: {r['mode']} HF / ours median step time = {r['ratio']:.2f}x (target >= 1.0x); "
-          f"fastest steps {r['best_ratio']:.2f}x, CPU time {r['cpu_ratio']:.2f}x")
+        print(
+            f"matrix multiply: {r['matmul_flops'] / 1e9:.0f} GFLOP/s peak, "
+            f"{r['model_matmul_flops'] / 1e9:.0f} GFLOP/s for the model's own products "
+            f"(MFU ceiling {r['model_matmul_flops'] / r['matmul_flops']:.0%}); model "
+            f"{r['flops_per_step'] / 1e9:.0f} GFLOP a step"
+        )
+    print(
+        f"ratio: {r['mode']} HF / ours median step time = {r['ratio']:.2f}x (target >= 1.0x); "
+        f"fastest steps {r['best_ratio']:.2f}x, CPU time {r['cpu_ratio']:.2f}x"
+    )
 
 
-def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="python -m bench.hf_compare",
-                                     description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.hf_compare", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("mode", choices=MODES)
-    parser.add_argument("--warmup", type=int, default=None,
-                        help="untimed steps of each side (default: 2; 3 on XLA)")
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="untimed steps of each side (default: 2; 3 on XLA)"
+    )
     parser.add_argument("--steps", type=int, default=7, help="timed steps of each side")
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
     args = parser.parse_args(argv)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Optional
 
 import torch
 
@@ -32,10 +31,16 @@ def matmul_flops(size: int = 2048, repeats: int = 10, dtype: torch.dtype = torch
     return 2 * size**3 / best
 
 
-def linear_shapes(vocab: int, hidden: int, intermediate: int, layers: int) -> list[tuple[int, int, int]]:
+def linear_shapes(
+    vocab: int, hidden: int, intermediate: int, layers: int
+) -> list[tuple[int, int, int]]:
     """(in, out, count) of the Llama's linear layers (attention without grouping)."""
-    return [(hidden, hidden, 4 * layers), (hidden, intermediate, 2 * layers),
-            (intermediate, hidden, layers), (hidden, vocab, 1)]
+    return [
+        (hidden, hidden, 4 * layers),
+        (hidden, intermediate, 2 * layers),
+        (intermediate, hidden, layers),
+        (hidden, vocab, 1),
+    ]
 
 
 def model_matmul_flops(shapes: list[tuple[int, int, int]], tokens: int, repeats: int = 3) -> float:
@@ -60,21 +65,29 @@ def model_matmul_flops(shapes: list[tuple[int, int, int]], tokens: int, repeats:
     return flops / seconds
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.mfu", description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args(argv)
     flops = matmul_flops(args.size, args.repeats)
-    print(f"float32 matrix multiply {args.size} x {args.size}, best of {args.repeats}, "
-          f"{torch.get_num_threads()} threads: {flops / 1e9:.0f} GFLOP/s")
-    from bench.hf_compare import BATCH, SEQ, SHAPES
+    print(
+        f"float32 matrix multiply {args.size} x {args.size}, best of {args.repeats}, "
+        f"{torch.get_num_threads()} threads: {flops / 1e9:.0f} GFLOP/s"
+    )
+    from bench.shapes import BATCH, SEQ, SHAPES
 
-    shapes = linear_shapes(SHAPES["vocab_size"], SHAPES["hidden_size"],
-                           SHAPES["intermediate_size"], SHAPES["num_hidden_layers"])
+    shapes = linear_shapes(
+        SHAPES["vocab_size"],
+        SHAPES["hidden_size"],
+        SHAPES["intermediate_size"],
+        SHAPES["num_hidden_layers"],
+    )
     model = model_matmul_flops(shapes, BATCH * SEQ)
-    print(f"the linear layers' products of bench.hf_compare's step ({BATCH * SEQ} tokens): "
-          f"{model / 1e9:.0f} GFLOP/s, {model / flops:.0%} of the peak")
+    print(
+        f"the linear layers' products of bench.hf_compare's step ({BATCH * SEQ} tokens): "
+        f"{model / 1e9:.0f} GFLOP/s, {model / flops:.0%} of the peak"
+    )
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 TARGET = 2.0
 VARIANTS = ("plain", "remat")
@@ -43,29 +43,43 @@ def measure(variant: str, depth: int) -> dict[str, float]:
     """In this process: MiB of the baseline and of the forward and step peaks above it."""
     import torch
 
-    from bench.hf_compare import BATCH, SEQ, SHAPES
+    from bench.shapes import BATCH, SEQ, SHAPES
     from models import build_model
     from models.llama import LlamaConfig
     from torchprime.backend import select_backend
     from torchprime.materialize import materialize
     from torchprime.mesh import MeshAxesConfig, resolve_mesh
     from torchprime.rewriting import RematConfig, apply_rewriting
-    from trainers.config import TrainerConfig
     from trainers import make_trainer
+    from trainers.config import TrainerConfig
 
     backend = select_backend("cpu", cpu_devices=1)
     mesh = resolve_mesh(MeshAxesConfig(fsdp=1), MeshAxesConfig(), None)
     cfg = LlamaConfig(**{**SHAPES, "num_hidden_layers": depth})
     model = build_model(cfg, torch.float32)
-    materialize(model, {n: (None,) * p.dim() for n, p in model.named_parameters()}, mesh,
-                backend, model.init_module_weights, torch.Generator().manual_seed(0))
+    materialize(
+        model,
+        {n: (None,) * p.dim() for n, p in model.named_parameters()},
+        mesh,
+        backend,
+        model.init_module_weights,
+        torch.Generator().manual_seed(0),
+    )
     layers = ["LlamaDecoderLayer"] if variant == "remat" else []
     apply_rewriting(model, RematConfig(activation_checkpoint_layers=layers), backend)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = make_trainer(TrainerConfig(progress_bar=False), model, backend, mesh, (),
-                            Path(tmp), tokens_per_step=BATCH * SEQ)
-        ids = torch.randint(0, cfg.vocab_size, (BATCH, SEQ),
-                            generator=torch.Generator().manual_seed(0))
+        trainer = make_trainer(
+            TrainerConfig(progress_bar=False),
+            model,
+            backend,
+            mesh,
+            (),
+            Path(tmp),
+            tokens_per_step=BATCH * SEQ,
+        )
+        ids = torch.randint(
+            0, cfg.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(0)
+        )
         batch = {"input_ids": ids, "labels": ids}
         trainer.train_step([batch])  # warm-up: allocator pools, lazily created state
         baseline = _status_kib("VmRSS")
@@ -77,8 +91,7 @@ def measure(variant: str, depth: int) -> dict[str, float]:
         _reset_peak()
         trainer.train_step([batch])
         step = _status_kib("VmHWM") - baseline
-    return {"baseline_mib": baseline / 1024, "forward_mib": forward / 1024,
-            "step_mib": step / 1024}
+    return {"baseline_mib": baseline / 1024, "forward_mib": forward / 1024, "step_mib": step / 1024}
 
 
 def run(depth: int) -> dict[str, Any]:
@@ -90,7 +103,11 @@ def run(depth: int) -> dict[str, Any]:
     for variant in VARIANTS:
         proc = subprocess.run(
             [sys.executable, "-m", "bench.remat_memory", "--child", variant, "--depth", str(depth)],
-            cwd=root, env=env, capture_output=True, text=True, check=False,
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if proc.returncode:
             raise RuntimeError(f"remat_memory {variant} failed:\n{proc.stderr[-3000:]}")
@@ -102,23 +119,29 @@ def run(depth: int) -> dict[str, Any]:
 
 
 def print_result(r: dict[str, Any]) -> None:
-    from bench.hf_compare import BATCH, SEQ, SHAPES
+    from bench.shapes import BATCH, SEQ, SHAPES
 
-    print(f"remat memory: Llama vocab {SHAPES['vocab_size']}, hidden {SHAPES['hidden_size']}, "
-          f"{r['depth']} layers, batch {BATCH} x {SEQ}, float32, eager CPU, peak RSS (MiB)")
+    print(
+        f"remat memory: Llama vocab {SHAPES['vocab_size']}, hidden {SHAPES['hidden_size']}, "
+        f"{r['depth']} layers, batch {BATCH} x {SEQ}, float32, eager CPU, peak RSS (MiB)"
+    )
     print(f"{'variant':<8}{'baseline':>10}{'forward':>10}{'step':>10}")
     for name, v in r["variants"].items():
-        print(f"{name:<8}{v['baseline_mib']:>10,.0f}{v['forward_mib']:>10,.0f}"
-              f"{v['step_mib']:>10,.0f}")
+        print(
+            f"{name:<8}{v['baseline_mib']:>10,.0f}{v['forward_mib']:>10,.0f}{v['step_mib']:>10,.0f}"
+        )
     verdict = "OK" if r["forward_ratio"] >= TARGET else f"below the {TARGET:g}x target"
-    print(f"ratio: activation memory (forward peak above baseline) without / with remat = "
-          f"{r['forward_ratio']:.2f}x (target >= {TARGET:g}x): {verdict}; whole step "
-          f"{r['step_ratio']:.2f}x")
+    print(
+        f"ratio: activation memory (forward peak above baseline) without / with remat = "
+        f"{r['forward_ratio']:.2f}x (target >= {TARGET:g}x): {verdict}; whole step "
+        f"{r['step_ratio']:.2f}x"
+    )
 
 
-def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="python -m bench.remat_memory",
-                                     description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.remat_memory", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--depth", type=int, default=8)
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")

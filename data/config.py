@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import List, Optional
 
 from data.packing import Packing
 from torchprime.errors import Problems
@@ -34,10 +33,12 @@ class FileFormat(StrEnum):
     """Parquet, one document a row."""
 
 
-def _source_problems(found: Problems, key: str, source: SourceKind, path: Optional[str]) -> None:
+def _source_problems(found: Problems, key: str, source: SourceKind, path: str | None) -> None:
     """A files or hub source needs a path."""
     if source == SourceKind.hub:
-        found.check(bool(path), f"{key}.source=hub needs {key}.path, the dataset's name on the hub.")
+        found.check(
+            bool(path), f"{key}.source=hub needs {key}.path, the dataset's name on the hub."
+        )
     elif source == SourceKind.files:
         found.check(bool(path), f"{key}.source=files needs {key}.path (a file, folder or glob).")
 
@@ -48,11 +49,11 @@ class SourceConfig:
 
     source: SourceKind = SourceKind.files
     """stdlib, files or hub, as the top-level `data.source`."""
-    path: Optional[str] = None
+    path: str | None = None
     """files: a file, a folder or a glob; hub: the dataset name."""
     format: FileFormat = FileFormat.text
     """files: text (one document a file), json (JSON lines) or parquet."""
-    hub_config: Optional[str] = None
+    hub_config: str | None = None
     """hub: the dataset's configuration name."""
     split: str = "train"
     """hub: the split to read (local files and stdlib have one split)."""
@@ -80,17 +81,17 @@ class DataConfig:
     """stdlib: the running Python's standard library sources, one document a file (no network,
     about 13 MB); files: local files at `path`; hub: the HF hub dataset named by `path`.
     Ignored when `sources` is not empty."""
-    path: Optional[str] = None
+    path: str | None = None
     """files: a file, a folder or a glob; hub: the dataset name (e.g. allenai/c4)."""
     format: FileFormat = FileFormat.text
     """files: text (one document a file), json (JSON lines) or parquet."""
-    hub_config: Optional[str] = None
+    hub_config: str | None = None
     """hub: the dataset's configuration name (e.g. "en" for allenai/c4)."""
     split: str = "train"
     """hub: the split to read (local files and stdlib have one split)."""
     text_field: str = "text"
     """Field of each row that holds the text."""
-    sources: List[SourceConfig] = field(default_factory=list)
+    sources: list[SourceConfig] = field(default_factory=list)
     """A weighted mixture: documents are drawn from these sources in proportion to their
     weights, in an order fixed by the run's seed; each source starts its next pass on its own
     when it runs out. Empty: the single source given by the keys above."""
@@ -126,7 +127,9 @@ class DataConfig:
             self.shuffle_buffer >= 0,
             f"{key}.shuffle_buffer={self.shuffle_buffer}: must be 0 (off) or more.",
         )
-        found.check(self.block_size >= 2, f"{key}.block_size={self.block_size}: must be at least 2.")
+        found.check(
+            self.block_size >= 2, f"{key}.block_size={self.block_size}: must be at least 2."
+        )
         found.check(
             self.collator in COLLATORS,
             f"{key}.collator={self.collator!r}: known collators are {', '.join(COLLATORS)}.",

@@ -7,7 +7,7 @@ import copy
 import logging
 import weakref
 from dataclasses import asdict
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -84,7 +84,7 @@ class TextBatches:
         # Rows made when each source's current pass began, to tell a source too small for one
         # row; None while unknown (a pass begun before a restore or while the shuffle buffer
         # was filling, which reads ahead).
-        self._pass_start_rows: list[Optional[int]] = [
+        self._pass_start_rows: list[int | None] = [
             0 if self.shuffle is None else None for _ in self.readers
         ]
         self._config = {
@@ -101,7 +101,11 @@ class TextBatches:
         log.info(
             "data: %s; %s packing of %d tokens, shuffle buffer %d, host %d of %d",
             ", ".join(f"{describe(s)} (weight {s.weight:g})" for _, s in specs),
-            cfg.packing, cfg.block_size, cfg.shuffle_buffer, process_index, process_count,
+            cfg.packing,
+            cfg.block_size,
+            cfg.shuffle_buffer,
+            process_index,
+            process_count,
         )
 
     # -- the stream ---------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import logging
 import os
 import sysconfig
 from collections.abc import Iterator
-from typing import Any, Optional, Union
+from typing import Any
 
 import datasets
 import pyarrow as pa
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 _EXTENSIONS = {"text": None, "json": (".json", ".jsonl"), "parquet": (".parquet",)}
 
 #: A source's keys: a SourceConfig, or the top-level keys of a DataConfig.
-SourceLike = Union[SourceConfig, DataConfig]
+SourceLike = SourceConfig | DataConfig
 
 
 def stdlib_files() -> list[str]:
@@ -145,10 +145,10 @@ class SourceReader:
         """Non-empty documents read in the current pass."""
         self.rows = 0
         """Rows (empty documents included) read in the current pass."""
-        self._stream: Optional[datasets.IterableDataset] = None
-        self._it: Optional[Iterator[dict[str, Any]]] = None
+        self._stream: datasets.IterableDataset | None = None
+        self._it: Iterator[dict[str, Any]] | None = None
         self._live = False  # the stream has yielded, so its state_dict() is the position
-        self._start: Optional[dict] = None  # the stream position to open at (a restored one)
+        self._start: dict | None = None  # the stream position to open at (a restored one)
 
     def _host_stream(self) -> datasets.IterableDataset:
         # A new view per pass: split_dataset_by_node makes a fresh IterableDataset, so a state
@@ -199,7 +199,10 @@ class SourceReader:
                 self.epoch += 1
                 log.info(
                     "data: %s pass %d done (%d documents on host %d); starting again",
-                    describe(self.spec), self.epoch, self.docs, self.process_index,
+                    describe(self.spec),
+                    self.epoch,
+                    self.docs,
+                    self.process_index,
                 )
                 self.docs = self.rows = 0
                 self._it = self._stream = self._start = None

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any, Optional, Protocol
+from typing import Any, Protocol
 
 from torchprime.errors import ConfigError
 
@@ -19,7 +19,7 @@ class Tokenizer(Protocol):
     eos_id: int
     pad_id: int
 
-    def encode(self, text: str, max_tokens: Optional[int] = None) -> list[int]:
+    def encode(self, text: str, max_tokens: int | None = None) -> list[int]:
         """The text's token ids; with max_tokens, only the first max_tokens of them (a long
         document cut to one row need not be tokenized whole)."""
         ...
@@ -35,7 +35,7 @@ class ByteTokenizer:
     eos_id = 257
     pad_id = 258
 
-    def encode(self, text: str, max_tokens: Optional[int] = None) -> list[int]:
+    def encode(self, text: str, max_tokens: int | None = None) -> list[int]:
         if max_tokens is None:
             return list(text.encode("utf-8"))
         # every character is at least one byte: the first max_tokens characters hold the
@@ -50,7 +50,7 @@ class ByteTokenizer:
 SPECIAL_TOKEN_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 
 
-def _token_content(value: Any) -> Optional[str]:
+def _token_content(value: Any) -> str | None:
     """A special token as HF folders write it: a string, or {"content": ...} (AddedToken)."""
     if isinstance(value, dict):
         value = value.get("content")
@@ -113,7 +113,11 @@ class HFTokenizer:
         self.vocab_size = max(vocab.values()) + 1  # ids may leave gaps: the largest one counts
         log.info(
             "tokenizer: %s, vocabulary %d, bos %d, eos %d, pad %d",
-            folder, self.vocab_size, self.bos_id, self.eos_id, self.pad_id,
+            folder,
+            self.vocab_size,
+            self.bos_id,
+            self.eos_id,
+            self.pad_id,
         )
 
     def _id(self, token: str, key: str) -> int:
@@ -128,7 +132,7 @@ class HFTokenizer:
     #: with max_tokens, tokenize a prefix of the text that gives this many tokens more
     PREFIX_MARGIN = 32
 
-    def encode(self, text: str, max_tokens: Optional[int] = None) -> list[int]:
+    def encode(self, text: str, max_tokens: int | None = None) -> list[int]:
         if max_tokens is None:
             return self._tok.encode(text, add_special_tokens=False).ids
         # A prefix of the text tokenizes like the whole text except for its last words (BPE

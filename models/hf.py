@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -30,7 +30,7 @@ from torchprime.materialize import materialize
 from torchprime.mesh import Mesh, MeshAxesConfig, resolve_mesh
 from torchprime.sharding import ShardingConfig, plan_parameter_specs
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -104,7 +104,7 @@ def read_hf_config(path: PathLike) -> LlamaConfig:
 
 def _read_rope(
     raw: dict[str, Any], file: Path, max_positions: int
-) -> tuple[float, Optional[RopeScalingConfig]]:
+) -> tuple[float, RopeScalingConfig | None]:
     """(rope_theta, llama3 scaling or None) from either config layout."""
     # transformers itself lets a legacy `rope_scaling` win over `rope_parameters`.
     key = "rope_scaling" if raw.get("rope_scaling") else "rope_parameters"
@@ -229,9 +229,9 @@ def hf_weights_init(path: PathLike) -> HfWeightsInit:
 def load_hf(
     path: PathLike,
     dtype: torch.dtype = torch.float32,
-    backend: Optional[Backend] = None,
-    mesh: Optional[Mesh] = None,
-    sharding: Optional[ShardingConfig] = None,
+    backend: Backend | None = None,
+    mesh: Mesh | None = None,
+    sharding: ShardingConfig | None = None,
 ) -> LlamaForCausalLM:
     """Our Llama with the weights of the HF folder at `path`, cast to `dtype`, placed by
     `backend` on `mesh` as `sharding` says (replicated when None). Defaults: the CPU backend and
@@ -250,7 +250,7 @@ def load_hf(
     return model
 
 
-def save_hf(model: LlamaForCausalLM, path: PathLike, dtype: Optional[torch.dtype] = None) -> None:
+def save_hf(model: LlamaForCausalLM, path: PathLike, dtype: torch.dtype | None = None) -> None:
     """Write `model` as an HF Llama folder: `config.json` and one `model.safetensors`, which
     `transformers.LlamaForCausalLM.from_pretrained(path)` loads with no missing or unexpected
     keys. `dtype`: the saved dtype (default: the parameters' own).

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -55,13 +54,13 @@ class LlamaConfig:
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     """Grouped-query attention: each key/value head serves heads / kv_heads query heads."""
-    head_dim: Optional[int] = None
+    head_dim: int | None = None
     """Per-head width; null means hidden_size / num_attention_heads."""
     max_position_embeddings: int = 2048
     """The longest sequence the model is built for (checked against data.block_size)."""
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_scaling: Optional[RopeScalingConfig] = None
+    rope_scaling: RopeScalingConfig | None = None
     tie_word_embeddings: bool = False
     """Share the embedding matrix with the LM head."""
     initializer_range: float = 0.02
@@ -81,7 +80,7 @@ class LlamaConfig:
     """With labels, leave out the last position (it predicts nothing) before the LM head, so
     the [batch, sequence, vocab] logits are never made for it: the same loss, and logits of
     sequence - 1 positions. false: logits for every position, as HF returns them."""
-    pretrained_path: Optional[str] = None
+    pretrained_path: str | None = None
     """An HF Llama folder (config.json + safetensors) to start from instead of a random init;
     its architecture must match this config."""
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
@@ -96,8 +95,15 @@ class LlamaConfig:
     def problems(self, key: str = "model") -> Problems:
         """What makes this architecture impossible, one line a problem naming the key."""
         found = Problems()
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "max_position_embeddings",
+        ):
             value = getattr(self, name)
             found.check(value >= 1, f"{key}.{name}={value}: must be at least 1.")
         if found:
@@ -194,7 +200,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class LlamaAttention(nn.Module):
-    kernel_placement: Optional[KernelPlacement] = None
+    kernel_placement: KernelPlacement | None = None
     """The mesh a Pallas kernel runs on, given from outside (torchprime.attention.place_kernels)."""
     offloaded: frozenset[str] = frozenset()
     """Marked activations kept on the host, set from outside (torchprime.offload.activate)."""
@@ -215,7 +221,7 @@ class LlamaAttention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        bias: Optional[torch.Tensor] = None,
+        bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = offload_name(self.q_proj(x), "q_proj", self.offloaded)
@@ -233,7 +239,13 @@ class LlamaAttention(nn.Module):
             out = eager_attention(q, k, v, self.cfg.is_causal, bias)
         else:
             out = tpu_attention(
-                kernel, q, k, v, self.cfg.is_causal, bias, self.cfg.attention_block_sizes,
+                kernel,
+                q,
+                k,
+                v,
+                self.cfg.is_causal,
+                bias,
+                self.cfg.attention_block_sizes,
                 self.kernel_placement,
             )
         out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
@@ -263,7 +275,7 @@ def eager_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     is_causal: bool,
-    bias: Optional[torch.Tensor] = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax(q kᵀ / √D + mask + bias) v, written out: the reference the kernels match."""
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # [B, H, T, T]
@@ -282,7 +294,7 @@ def sdpa_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     is_causal: bool,
-    bias: Optional[torch.Tensor] = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """PyTorch's fused attention; it takes a causal flag or a mask, not both, so a bias is
     combined with the causal mask here."""
@@ -322,7 +334,7 @@ class LlamaDecoderLayer(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        bias: Optional[torch.Tensor] = None,
+        bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         x = offload_name(x, "decoder_input", self.offloaded)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, bias)
@@ -337,7 +349,7 @@ class LayerStack(nn.ModuleList):
     (torchprime.rewriting): one layer compiled once, however deep the stack.
     """
 
-    def forward(self, x: torch.Tensor, *shared: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *shared: torch.Tensor | None) -> torch.Tensor:
         for layer in self:
             x = layer(x, *shared)
         return x
@@ -357,7 +369,7 @@ class LlamaModel(nn.Module):
         self,
         input_ids: torch.Tensor,
         position_ids: torch.Tensor,
-        attention_bias: Optional[torch.Tensor] = None,
+        attention_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [B, T, E]
         cos, sin = self.rotary_emb(position_ids, x.dtype)
@@ -369,7 +381,7 @@ class LlamaModel(nn.Module):
 class CausalLMOutput:
     logits: torch.Tensor
     """[B, T, vocab]"""
-    loss: Optional[torch.Tensor]
+    loss: torch.Tensor | None
     """Mean cross-entropy over the tokens with a label; None without labels."""
 
 
@@ -421,9 +433,9 @@ class LlamaForCausalLM(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        labels: Optional[torch.Tensor] = None,
-        position_ids: Optional[torch.Tensor] = None,
-        attention_bias: Optional[torch.Tensor] = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        attention_bias: torch.Tensor | None = None,
     ) -> CausalLMOutput:
         """input_ids, labels, position_ids: [B, T]. `labels` are aligned with `input_ids` (the
         token at t is predicted from position t - 1); -100 marks positions without a label.

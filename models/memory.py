@@ -42,8 +42,10 @@ def per_token_layer_elements(cfg: LlamaConfig, tensor: int, seq_len: int) -> dic
     """Elements one token keeps in one layer for the backward pass, by activation, on one
     device (head and MLP dimensions split over the `tensor` axis)."""
     h, d = cfg.hidden_size, cfg.resolved_head_dim
-    q, kv, mlp = cfg.num_attention_heads * d / tensor, cfg.num_key_value_heads * d / tensor, (
-        cfg.intermediate_size / tensor
+    q, kv, mlp = (
+        cfg.num_attention_heads * d / tensor,
+        cfg.num_key_value_heads * d / tensor,
+        (cfg.intermediate_size / tensor),
     )
     counts = {
         "decoder_input": h,  # the input norm's input

@@ -17,13 +17,13 @@ another dtype an in-place update: the same numbers either way.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from torch.optim import Optimizer
 from torch.optim.adamw import adamw
 
-Number = Union[float, torch.Tensor]
+Number = float | torch.Tensor
 #: layout(new_tensor, param): give a state tensor the layout (sharding) of its parameter.
 Layout = Callable[[torch.Tensor, torch.Tensor], None]
 
@@ -53,9 +53,9 @@ class AdamW(Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
-        update_clip: Optional[float] = None,
-        update_rms_clip: Optional[float] = None,
-        state_dtype: Optional[torch.dtype] = None,
+        update_clip: float | None = None,
+        update_rms_clip: float | None = None,
+        state_dtype: torch.dtype | None = None,
         traced: bool = False,
     ):
         for name, value in (("update_clip", update_clip), ("update_rms_clip", update_rms_clip)):
@@ -76,11 +76,9 @@ class AdamW(Optimizer):
         # Counted on the device (int32): reading them would cost a host round trip per step.
         self.skipped_steps = torch.zeros((), dtype=torch.int32, device=device)
         self.consecutive_skips = torch.zeros((), dtype=torch.int32, device=device)
-        self.update_clip_fraction: Optional[torch.Tensor] = None
+        self.update_clip_fraction: torch.Tensor | None = None
 
-    def _init_state(
-        self, p: torch.Tensor, layout: Optional[Layout] = None
-    ) -> dict[str, torch.Tensor]:
+    def _init_state(self, p: torch.Tensor, layout: Layout | None = None) -> dict[str, torch.Tensor]:
         dtype = self.state_dtype or p.dtype
         state = {
             # float32 on the parameter's device: counting in the graph, never on the host.
@@ -93,7 +91,7 @@ class AdamW(Optimizer):
             layout(state["exp_avg_sq"], p)
         return state
 
-    def init_state(self, layout: Optional[Layout] = None) -> None:
+    def init_state(self, layout: Layout | None = None) -> None:
         """Create every parameter's state now (else the first step creates it).
 
         On XLA this keeps the first step's graph the same as every later one (one compilation
@@ -116,7 +114,7 @@ class AdamW(Optimizer):
         return not self.traced
 
     @torch.no_grad()
-    def step(self, closure=None, skip: Optional[torch.Tensor] = None):  # noqa: D102
+    def step(self, closure=None, skip: torch.Tensor | None = None):  # noqa: D102
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -127,8 +125,10 @@ class AdamW(Optimizer):
             # A host read: free on the CPU, one synchronization on CUDA.
             self._count_skip(skip)
             if bool(skip):
-                if any(g["update_clip"] is not None or g["update_rms_clip"] is not None
-                       for g in self.param_groups):
+                if any(
+                    g["update_clip"] is not None or g["update_rms_clip"] is not None
+                    for g in self.param_groups
+                ):
                     # What the device path reports for a skipped (non-finite) update.
                     self.update_clip_fraction = torch.zeros((), device=first.device)
                 return loss
@@ -157,9 +157,7 @@ class AdamW(Optimizer):
                     denom = sqrt_v.div_(bias_correction2_sqrt).add_(group["eps"])
                     update = (state["exp_avg"] / bias_correction1) / denom
                 else:
-                    update, new_state = self._adam_update(
-                        p.grad, state, beta1, beta2, group["eps"]
-                    )
+                    update, new_state = self._adam_update(p.grad, state, beta1, beta2, group["eps"])
                 if group["update_rms_clip"] is not None:
                     rms = update.float().pow(2).mean().sqrt()
                     scale = (rms / group["update_rms_clip"]).clamp(min=1.0)
@@ -204,10 +202,20 @@ class AdamW(Optimizer):
             return False
         beta1, beta2 = group["betas"]
         adamw(
-            params, [p.grad for p in params], [s["exp_avg"] for s in states],
-            [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states], fused=True,
-            amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
-            weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
+            params,
+            [p.grad for p in params],
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [],
+            [s["step"] for s in states],
+            fused=True,
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=False,
         )
         return True
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 from enum import StrEnum
-from typing import Optional
 
 import torch
 
@@ -26,7 +25,7 @@ DEFAULT_DECAY_FRACTION = 0.1
 
 
 def wsd_decay_steps(
-    max_steps: int, warmup_steps: int, decay_steps: Optional[int], decay_fraction: Optional[float]
+    max_steps: int, warmup_steps: int, decay_steps: int | None, decay_fraction: float | None
 ) -> int:
     """Length of wsd's final decay, checked against the run (errors name the keys)."""
     key = "trainer.lr_scheduler"
@@ -54,8 +53,8 @@ def lr_multiplier(
     warmup_steps: int,
     max_steps: int,
     min_lr_ratio: float,
-    decay_steps: Optional[int] = None,
-    decay_fraction: Optional[float] = None,
+    decay_steps: int | None = None,
+    decay_fraction: float | None = None,
 ) -> torch.Tensor:
     """Factor on the peak lr for the 0-based `step`: linear warmup over `warmup_steps`, then
 

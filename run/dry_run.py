@@ -22,13 +22,11 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
 
-import torch
 from omegaconf import OmegaConf
 
 from data.tokenizers import Tokenizer
-from run.preflight import Devices, Preflight, describe_activations, preflight
+from run.preflight import Devices, describe_activations, preflight
 from run.training import run_training
 from torchprime.attention import TPU_KERNELS, AttentionKernel
 from torchprime.backend import BackendName, select_backend
@@ -57,13 +55,13 @@ class DryRunReport:
     skipped: list[str] = field(default_factory=list)
     """Checks not made because what they need failed."""
     notes: list[str] = field(default_factory=list)
-    plan: Optional[ShardingPlan] = None
-    verdict: Optional[FitVerdict] = None
-    activations: Optional[str] = None
-    ran: Optional[str] = None
+    plan: ShardingPlan | None = None
+    verdict: FitVerdict | None = None
+    activations: str | None = None
+    ran: str | None = None
     """The shrunken model and folded mesh the steps ran with."""
-    first: Optional[TrainSummary] = None
-    resumed: Optional[TrainSummary] = None
+    first: TrainSummary | None = None
+    resumed: TrainSummary | None = None
     seconds: float = 0.0
 
     @property
@@ -135,7 +133,9 @@ def shrunken(
         pretrained_path=None,
     )
     if m.pretrained_path:
-        notes.append("model.pretrained_path: architecture checked; the steps start from random weights")
+        notes.append(
+            "model.pretrained_path: architecture checked; the steps start from random weights"
+        )
     if m.attention_kernel in TPU_KERNELS:
         model = dataclasses.replace(
             model, attention_kernel=AttentionKernel.eager, attention_block_sizes={}
@@ -219,7 +219,9 @@ def run_shrunken(cfg: TrainConfig, mesh: Mesh, tokenizer: Tokenizer, report: Dry
         report.first = run_training(small, backend, out, {})
         more = dataclasses.replace(
             small,
-            trainer=dataclasses.replace(small.trainer, max_steps=small.trainer.max_steps + 1, resume="auto"),
+            trainer=dataclasses.replace(
+                small.trainer, max_steps=small.trainer.max_steps + 1, resume="auto"
+            ),
         )
         report.resumed = run_training(more, backend, out, {})
     except (ConfigError, TrainingError) as e:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from torch import nn
 
@@ -28,7 +28,14 @@ from torchprime.backend.base import Backend
 from torchprime.chips import CHIPS, Chip, chip_of
 from torchprime.errors import ConfigError, Problems
 from torchprime.mesh import Mesh, resolve_mesh
-from torchprime.plan import FitVerdict, ShardingPlan, fit_verdict, format_bytes, format_plan, make_plan
+from torchprime.plan import (
+    FitVerdict,
+    ShardingPlan,
+    fit_verdict,
+    format_bytes,
+    format_plan,
+    make_plan,
+)
 from torchprime.rewriting import check_remat
 from torchprime.sharding import (
     BATCH_SPEC,
@@ -51,18 +58,18 @@ class Devices:
 
     kind: str
     """As `backend.device_kind` names them: "TPU v5p", "CPU", a GPU's name."""
-    count: Optional[int]
+    count: int | None
     """Devices the mesh must cover; None: an eager backend (one device, the mesh describes the
     target and is not applied)."""
     hosts: int = 1
     host_index: int = 0
-    chip: Optional[Chip] = None
+    chip: Chip | None = None
     """The TPU chip, when known (its HBM judges the plan)."""
     target: bool = False
     """These are the target pod's devices (plan_only, dry run), not the ones here."""
 
     @classmethod
-    def of_backend(cls, backend: Backend) -> "Devices":
+    def of_backend(cls, backend: Backend) -> Devices:
         return cls(
             kind=backend.device_kind,
             count=backend.device_count if backend.is_xla else None,
@@ -72,7 +79,7 @@ class Devices:
         )
 
     @classmethod
-    def of_target(cls, target: TargetConfig) -> "Devices":
+    def of_target(cls, target: TargetConfig) -> Devices:
         chip = CHIPS[target.chip] if target.chip else None
         hosts = 1
         if chip and target.num_devices:
@@ -90,21 +97,21 @@ class Preflight:
     problems: Problems = field(default_factory=Problems)
     skipped: list[str] = field(default_factory=list)
     """Checks not made because what they need failed (each says which and why)."""
-    tokenizer: Optional[Tokenizer] = None
-    mesh: Optional[Mesh] = None
+    tokenizer: Tokenizer | None = None
+    mesh: Mesh | None = None
     """The mesh as configured; checked against the devices unless `problems` says otherwise."""
-    micro_batch: Optional[int] = None
+    micro_batch: int | None = None
     """Rows of one micro-batch on this host."""
-    model: Optional[nn.Module] = None
+    model: nn.Module | None = None
     """On the meta device: shapes and names only."""
-    specs: Optional[dict[str, PartitionSpec]] = None
-    activation_specs: Optional[list[ActivationSpec]] = None
-    qkv_spec: Optional[PartitionSpec] = None
-    batches: Optional[TextBatches] = None
+    specs: dict[str, PartitionSpec] | None = None
+    activation_specs: list[ActivationSpec] | None = None
+    qkv_spec: PartitionSpec | None = None
+    batches: TextBatches | None = None
     """This host's data pipeline, opened (its sources read up to their first document)."""
-    plan: Optional[ShardingPlan] = None
-    activations: Optional[ActivationEstimate] = None
-    verdict: Optional[FitVerdict] = None
+    plan: ShardingPlan | None = None
+    activations: ActivationEstimate | None = None
+    verdict: FitVerdict | None = None
 
     @property
     def ok(self) -> bool:
@@ -142,7 +149,7 @@ def preflight(
     devices: Devices,
     *,
     open_data: bool = True,
-    output_dir: Optional[Path] = None,
+    output_dir: Path | None = None,
 ) -> Preflight:
     """Check `cfg` for `devices`; build the meta model, the plan and (with `open_data`) this
     host's data pipeline. With `output_dir`, also check that it holds no other run."""
@@ -171,7 +178,9 @@ def check_no_previous_run(output_dir: Path, resume: str = "never") -> None:
     (trainer.resume=auto or a checkpoint: the run continues in place)."""
     if resume != "never":
         return
-    found = [p.name for p in (output_dir / "metrics.jsonl", output_dir / "checkpoints") if p.exists()]
+    found = [
+        p.name for p in (output_dir / "metrics.jsonl", output_dir / "checkpoints") if p.exists()
+    ]
     if found:
         raise ConfigError(
             f"output_dir={output_dir} already holds a run ({', '.join(found)}); continue it with "
@@ -201,14 +210,20 @@ def _check_target(pre: Preflight) -> None:
         "the config made for it, or fix the target.",
     )
     if t.chip is not None and d.chip is not None and t.chip != d.chip.name:
-        log.warning("target.chip=%s, but the chips here are %s: the plan's HBM verdict was for "
-                    "%s.", t.chip, d.kind, t.chip)
+        log.warning(
+            "target.chip=%s, but the chips here are %s: the plan's HBM verdict was for %s.",
+            t.chip,
+            d.kind,
+            t.chip,
+        )
 
 
 def _check_mesh_and_batch(pre: Preflight) -> None:
     cfg = pre.cfg
     if cfg.ici_mesh.problems("ici_mesh", True) or cfg.dcn_mesh.problems("dcn_mesh", False):
-        pre.skip("the mesh, the batch split and the sharding specs' divisibility", "valid mesh sizes")
+        pre.skip(
+            "the mesh, the batch split and the sharding specs' divisibility", "valid mesh sizes"
+        )
         return
     sizes = [*vars(cfg.ici_mesh).values(), *vars(cfg.dcn_mesh).values()]
     if pre.devices.target and -1 in sizes and pre.devices.count is None:
@@ -237,8 +252,13 @@ def _check_model(pre: Preflight) -> None:
         return
     m = cfg.model
     problems.attempt(
-        check_attention_kernel, m.attention_kernel, m.attention_block_sizes, pre.devices.kind,
-        m.is_causal, cfg.data.block_size, uses_bias=cfg.data.packing == "document",
+        check_attention_kernel,
+        m.attention_kernel,
+        m.attention_block_sizes,
+        pre.devices.kind,
+        m.is_causal,
+        cfg.data.block_size,
+        uses_bias=cfg.data.packing == "document",
     )
     pre.qkv_spec = problems.attempt(qkv_spec, m.sharding)
     pre.model = model = problems.attempt(build_model, m, cfg.dtype.torch)
@@ -283,8 +303,13 @@ def _plan(pre: Preflight) -> None:
         rows = t.global_batch_size / t.grad_accum_steps / pre.mesh.size(BATCH_SPEC[0])
         layer = type(pre.model.decoder_layers[0]).__name__
         pre.activations = estimate_activations(
-            cfg.model, cfg.model.remat, pre.mesh, rows, cfg.data.block_size,
-            cfg.dtype.torch.itemsize, layer,
+            cfg.model,
+            cfg.model.remat,
+            pre.mesh,
+            rows,
+            cfg.data.block_size,
+            cfg.dtype.torch.itemsize,
+            layer,
         )
     hbm = target_hbm(cfg, pre.devices)
     if hbm is not None and not cfg.target.problems():
@@ -292,7 +317,7 @@ def _plan(pre: Preflight) -> None:
         pre.verdict = fit_verdict(pre.plan, *hbm, used)
 
 
-def target_hbm(cfg: TrainConfig, devices: Devices) -> Optional[tuple[float, str]]:
+def target_hbm(cfg: TrainConfig, devices: Devices) -> tuple[float, str] | None:
     """Bytes of HBM per chip and how to name it, when the config or the devices say."""
     t = cfg.target
     if t.hbm_gib is not None:

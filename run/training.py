@@ -89,8 +89,9 @@ def build_trainer(
     if backend.is_xla:
         shard_activations(model, pre.activation_specs, mesh, backend)
         if left := replicated(pre.specs):
-            log.info("sharding: %d parameters replicated (no pattern): %s", len(left),
-                     ", ".join(left))
+            log.info(
+                "sharding: %d parameters replicated (no pattern): %s", len(left), ", ".join(left)
+            )
     apply_rewriting(model, cfg.model.remat, backend)
     if cfg.model.attention_kernel in TPU_KERNELS:
         place_kernels(model, KernelPlacement(backend, mesh, pre.qkv_spec))
@@ -101,7 +102,12 @@ def build_trainer(
 
         sinks.append(WandbLogger(cfg.wandb, cfg.run_name, output_dir, resolved))
     return make_trainer(
-        cfg.trainer, model, backend, mesh, pre.batches, output_dir,
+        cfg.trainer,
+        model,
+        backend,
+        mesh,
+        pre.batches,
+        output_dir,
         tokens_per_step=cfg.trainer.global_batch_size * cfg.data.block_size,
         flops_per_token=model_flops_per_token(model, cfg.data.block_size),
         peak_flops=peak_flops(backend.device_kind, cfg.trainer.peak_flops_per_device),

@@ -68,7 +68,9 @@ def read_jsonl(path: Path) -> list[dict]:
 # on XLA, compilations): one on XLA SPMD with 4 virtual devices, one on plain PyTorch.
 SHORT_RUN_STEPS = 30
 SHORT_RUN = (
-    f"trainer.max_steps={SHORT_RUN_STEPS}", "trainer.logging_steps=1", "trainer.progress_bar=false"
+    f"trainer.max_steps={SHORT_RUN_STEPS}",
+    "trainer.logging_steps=1",
+    "trainer.progress_bar=false",
 )
 
 
@@ -78,7 +80,9 @@ def xla_run(tmp_path_factory):
     # A checkpoint mid-run and the recompile guard armed: any compilation after warm-up
     # (lr warmup changing the lr, logging every step, the save) would fail the run.
     proc = run_train(
-        *SHORT_RUN, "trainer.checkpoint.interval=10", "trainer.fail_on_recompile=true",
+        *SHORT_RUN,
+        "trainer.checkpoint.interval=10",
+        "trainer.fail_on_recompile=true",
         f"output_dir={out}",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -89,6 +93,8 @@ def xla_run(tmp_path_factory):
 def cpu_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("cpu")
     # -X importtime lists every module the process imports, on stderr.
-    proc = run_train("backend=cpu", *SHORT_RUN, f"output_dir={out}", python_flags=("-X", "importtime"))
+    proc = run_train(
+        "backend=cpu", *SHORT_RUN, f"output_dir={out}", python_flags=("-X", "importtime")
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc

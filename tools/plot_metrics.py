@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 #: metrics.jsonl keys drawn, each in its own panel, in this order (loss always).
 PANELS = (("loss", "loss"), ("lr", "learning rate"), ("tokens_per_sec", "tokens/s"))
@@ -31,8 +31,10 @@ def metrics_path(path: Path) -> Path:
 
 def load_records(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
-        raise MetricsFileError(f"{path}: no such metrics file (a run writes "
-                               "output_dir/metrics.jsonl at its first logged step).")
+        raise MetricsFileError(
+            f"{path}: no such metrics file (a run writes "
+            "output_dir/metrics.jsonl at its first logged step)."
+        )
     records = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -54,8 +56,9 @@ def plot(records: list[dict[str, Any]], out: Path, title: str) -> Path:
     import matplotlib.pyplot as plt
 
     panels = [(k, label) for k, label in PANELS if any(r.get(k) is not None for r in records)]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.4 * len(panels)), sharex=True,
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(panels), 1, figsize=(7, 2.4 * len(panels)), sharex=True, squeeze=False
+    )
     for ax, (key, label) in zip(axes[:, 0], panels):
         steps = [r["step"] for r in records]
         values = [r.get(key) if r.get(key) is not None else float("nan") for r in records]
@@ -71,12 +74,17 @@ def plot(records: list[dict[str, Any]], out: Path, title: str) -> Path:
     return out
 
 
-def main(argv: Optional[list[str]] = None) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m tools.plot_metrics",
-                                     description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.plot_metrics", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("run", type=Path, help="a run's output_dir or its metrics.jsonl")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="PNG to write (default: metrics.png next to metrics.jsonl)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="PNG to write (default: metrics.png next to metrics.jsonl)",
+    )
     args = parser.parse_args(argv)
     path = metrics_path(args.run)
     try:

@@ -18,7 +18,6 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Optional
 
 from data.config import SourceConfig
 from data.sources import host_texts
@@ -40,7 +39,7 @@ def corpus_texts(corpus: str, fmt: str = "text", text_field: str = "text") -> It
     return host_texts(spec, 0, 1, key="--corpus")
 
 
-def limit_bytes(texts: Iterable[str], max_bytes: Optional[int]) -> Iterator[str]:
+def limit_bytes(texts: Iterable[str], max_bytes: int | None) -> Iterator[str]:
     """Documents until about `max_bytes` of text (UTF-8) have been given."""
     seen = 0
     for text in texts:
@@ -80,7 +79,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out: Path, min_frequency: i
     return out
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tools.train_tokenizer", description=__doc__.split("\n")[0]
     )

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -79,11 +79,11 @@ class KernelPlacement:
     """Where a Pallas kernel runs: the mesh, and the spec of its [batch, heads, sequence,
     head_dim] q, k and v (each device runs the kernel on its own shard)."""
 
-    backend: "Backend"
+    backend: Backend
     mesh: Mesh
     qkv_spec: PartitionSpec
 
-    def __deepcopy__(self, memo: dict) -> "KernelPlacement":
+    def __deepcopy__(self, memo: dict) -> KernelPlacement:
         return self  # immutable; a scan deep-copies its layer and must not copy the runtime
 
 
@@ -168,9 +168,9 @@ def tpu_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     is_causal: bool,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     overrides: dict[str, int],
-    placement: Optional[KernelPlacement],
+    placement: KernelPlacement | None,
 ) -> torch.Tensor:
     """softmax(q kᵀ / √D + bias) v on a TPU kernel; q, k, v: [B, H, T, D], same head count."""
     if placement is None:

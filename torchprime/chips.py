@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Optional
 
 
 class ChipName(StrEnum):
@@ -41,6 +40,6 @@ CHIPS: dict[ChipName, Chip] = {
 }
 
 
-def chip_of(device_kind: str) -> Optional[Chip]:
+def chip_of(device_kind: str) -> Chip | None:
     """The chip `backend.device_kind` names ("TPU v5p"), or None (a CPU, a GPU)."""
     return next((c for c in CHIPS.values() if c.device_kind == device_kind), None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Iterable
-from typing import Any, Optional, TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -14,7 +14,7 @@ class ConfigError(ValueError):
     """A config value that cannot work. The message names the key, the value and what would.
     One error may carry several problems (`problems`), each one line."""
 
-    def __init__(self, message: str, problems: Optional[list[str]] = None):
+    def __init__(self, message: str, problems: list[str] | None = None):
         super().__init__(message)
         self.problems = problems or [message]
 
@@ -33,7 +33,7 @@ class Problems(list):
         if not ok:
             self.append(message)
 
-    def attempt(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Optional[T]:
+    def attempt(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
         """`fn(*args)`, or None with its ConfigError noted."""
         try:
             return fn(*args, **kwargs)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Union
 
 from torchprime.errors import ConfigError, Problems
 
@@ -17,7 +16,7 @@ from torchprime.errors import ConfigError, Problems
 AXES = ("data", "fsdp", "expert", "tensor", "context")
 
 #: One entry of a partition spec: a mesh axis, several axes, or None (not sharded).
-SpecEntry = Union[str, tuple[str, ...], None]
+SpecEntry = str | tuple[str, ...] | None
 PartitionSpec = tuple[SpecEntry, ...]
 
 
@@ -44,7 +43,8 @@ class MeshAxesConfig:
         for axis, n in zip(AXES, sizes):
             allowed = "positive integers, or -1 on one axis" if allow_fill else "positive integers"
             found.check(
-                n >= 1 or (allow_fill and n == -1), f"{key}.{axis}={n}: mesh axis sizes are {allowed}."
+                n >= 1 or (allow_fill and n == -1),
+                f"{key}.{axis}={n}: mesh axis sizes are {allowed}.",
             )
         wild = [a for a, n in zip(AXES, sizes) if n == -1]
         found.check(len(wild) <= 1, f"{key}: only one axis may be -1, got {wild}.")

@@ -13,7 +13,7 @@ rewriting enables this on TPU only (torchprime.rewriting says what happens elsew
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import fx, nn
@@ -102,6 +102,6 @@ def _route_saved(
             continue
         with bwd.graph.inserting_after(placeholders[-1]):
             back = bwd.graph.call_function(to_device, (node,))
-        node.replace_all_uses_with(back, delete_user_cb=lambda user: user is not back)
+        node.replace_all_uses_with(back, delete_user_cb=lambda user, back=back: user is not back)
     fwd.recompile()
     bwd.recompile()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import nn
@@ -74,7 +73,11 @@ def make_plan(
     """
     plans = [
         ParameterPlan(
-            name, tuple(p.shape), specs[name], shard_shape(tuple(p.shape), specs[name], mesh), p.dtype
+            name,
+            tuple(p.shape),
+            specs[name],
+            shard_shape(tuple(p.shape), specs[name], mesh),
+            p.dtype,
         )
         for name, p in model.named_parameters()
     ]
@@ -94,7 +97,7 @@ class FitVerdict:
 
 
 def fit_verdict(
-    plan: ShardingPlan, hbm_bytes: float, where: str, activation_bytes: Optional[int] = None
+    plan: ShardingPlan, hbm_bytes: float, where: str, activation_bytes: int | None = None
 ) -> FitVerdict:
     """Whether parameters, gradients and optimizer state fit in one chip's memory, and with
     `activation_bytes` (an estimate) whether the activations fit beside them."""

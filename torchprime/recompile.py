@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -32,7 +31,7 @@ class RecompileGuard:
         backend: Backend,
         warmup_steps: int = 2,
         fail: bool = False,
-        dump_dir: Optional[Path] = None,
+        dump_dir: Path | None = None,
     ):
         self.backend = backend
         self.warmup_steps = warmup_steps
@@ -40,7 +39,7 @@ class RecompileGuard:
         self.dump_dir = dump_dir
         self.enabled = backend.is_xla
         self.compiles = backend.compile_count() or 0
-        self.reference: Optional[tuple[bytes, str]] = None  # (hash, HLO) of the steady step
+        self.reference: tuple[bytes, str] | None = None  # (hash, HLO) of the steady step
         self.step_changed = False
         self.late_compiles = 0
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 class RematConfig:
     """How the model is rewritten for compile time and memory (configs/model/remat/)."""
 
-    scan_layers: Optional[str] = None
+    scan_layers: str | None = None
     """Path of a homogeneous layer stack to run as a scan (e.g. model.layers); null: unrolled."""
     activation_checkpoint_layers: list[str] = field(default_factory=list)
     """Module class names whose activations are recomputed in backward (e.g. LlamaDecoderLayer)."""
@@ -117,9 +117,7 @@ def apply_rewriting(model: nn.Module, cfg: RematConfig, backend: Backend) -> Non
     check_remat(model, cfg)
     inside = _inside_scan(model, cfg)
     if backend.is_xla:
-        nested = sorted(
-            {type(m).__name__ for m in inside} & set(cfg.activation_checkpoint_layers)
-        )
+        nested = sorted({type(m).__name__ for m in inside} & set(cfg.activation_checkpoint_layers))
         if nested:
             # torch_xla's checkpoint is reentrant, and scan computes gradients with
             # autograd.grad, which reentrant checkpointing refuses.

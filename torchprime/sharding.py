@@ -18,7 +18,7 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -158,7 +158,7 @@ class ActivationSpec:
     """Where one activation annotation goes: a module's output, or element `index` of it."""
 
     module: str
-    index: Optional[int]
+    index: int | None
     spec: PartitionSpec
     pattern: str
 
@@ -198,7 +198,9 @@ def shard_activations(
     modules = dict(model.named_modules())
     handles = []
     for plan in plans:
-        handles.append(modules[plan.module].register_forward_hook(_output_hook(plan, mesh, backend)))
+        handles.append(
+            modules[plan.module].register_forward_hook(_output_hook(plan, mesh, backend))
+        )
     return handles
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import nn
@@ -38,16 +37,21 @@ def make_trainer(
     output_dir: Path,
     *,
     tokens_per_step: int,
-    flops_per_token: Optional[float] = None,
-    peak_flops: Optional[float] = None,
+    flops_per_token: float | None = None,
+    peak_flops: float | None = None,
     sinks: Sequence[Sink] = (),
     callbacks: Sequence[StepCallback] = (),
 ) -> BaseTrainer:
     """The `cfg.name` trainer of `model`, checkpointing under output_dir/checkpoints and
     logging to output_dir/metrics.jsonl (and `sinks`)."""
     metrics = MetricsLogger(
-        output_dir / "metrics.jsonl", backend, tokens_per_step, flops_per_token, peak_flops,
-        progress_bar=cfg.progress_bar, sinks=sinks,
+        output_dir / "metrics.jsonl",
+        backend,
+        tokens_per_step,
+        flops_per_token,
+        peak_flops,
+        progress_bar=cfg.progress_bar,
+        sinks=sinks,
     )
     checkpoints = CheckpointManager(cfg.checkpoint, cfg.resume, output_dir / "checkpoints", backend)
     return get_trainer_class(cfg.name)(

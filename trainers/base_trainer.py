@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -92,8 +92,8 @@ class BaseTrainer:
         self.step_count = torch.zeros((), dtype=torch.float32, device=backend.device)
         backend.sync()
         self.start_step = 0
-        self.resumed_from: Optional[Path] = None
-        self._abort: Optional[str] = None
+        self.resumed_from: Path | None = None
+        self._abort: str | None = None
         if cfg.compile and backend.is_xla:
             log.warning("trainer.compile=true is ignored on XLA, which compiles the whole step")
         elif cfg.compile:
@@ -102,7 +102,9 @@ class BaseTrainer:
             self.forward = torch.compile(self.forward)
 
     # -- what subclasses define ------------------------------------------------------------
-    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(loss, aux): the scalar loss to minimize and auxiliary scalars to log. An aux
         `num_tokens` (the count the loss is a mean over) weights micro-batches when gradients
         are accumulated, so the step is that of one big batch; it is not logged."""
@@ -218,7 +220,7 @@ class BaseTrainer:
         if rng.get("device") is not None:
             self.backend.set_rng_state(rng["device"])
 
-    def restore(self) -> Optional[Path]:
+    def restore(self) -> Path | None:
         """Load the checkpoint `trainer.resume` asks for, before `train`; returns it (None:
         start from step 0). metrics.jsonl keeps only the steps the checkpoint has seen."""
         restored = self.checkpoints.restore(self)
@@ -230,8 +232,13 @@ class BaseTrainer:
         if restored is None:
             return None
         self.start_step, self.resumed_from = step, restored.path
-        log.info("resume: continuing after step %d from %s (%d metrics records after it "
-                 "dropped%s)", step, restored.path, dropped, restored.compiles)
+        log.info(
+            "resume: continuing after step %d from %s (%d metrics records after it dropped%s)",
+            step,
+            restored.path,
+            dropped,
+            restored.compiles,
+        )
         return restored.path
 
     # -- the loop ----------------------------------------------------------------------------
@@ -264,8 +271,12 @@ class BaseTrainer:
                     except RecompileError as e:
                         raise TrainingError(str(e)) from None
                     if stopped:
-                        log.warning("stopped after step %d (%s); checkpoint %s", step, stopped,
-                                    last_checkpoint)
+                        log.warning(
+                            "stopped after step %d (%s); checkpoint %s",
+                            step,
+                            stopped,
+                            last_checkpoint,
+                        )
                         break
                 self.backend.wait_device_ops()
             failed = False
@@ -275,12 +286,17 @@ class BaseTrainer:
             self.metrics.close(failed=failed)
         hf = self._export_at_end() if self.cfg.export_hf and not stopped else None
         return self.metrics.summary(
-            steps=step, max_steps=self.cfg.max_steps, start_step=self.start_step,
+            steps=step,
+            max_steps=self.cfg.max_steps,
+            start_step=self.start_step,
             tokens_per_sec=self.metrics.steady_tokens_per_sec(
                 self.start_step, step, time.perf_counter() - started
             ),
-            elapsed_s=time.perf_counter() - started, checkpoint=last_checkpoint,
-            resumed_from=self.resumed_from, stopped=stopped, hf_export=hf,
+            elapsed_s=time.perf_counter() - started,
+            checkpoint=last_checkpoint,
+            resumed_from=self.resumed_from,
+            stopped=stopped,
+            hf_export=hf,
         )
 
     def _run_step(
@@ -305,7 +321,7 @@ class BaseTrainer:
         if self._abort:
             raise TrainingError(self._abort)
 
-    def _stop_reason(self, step: int, preemption: Preemption) -> Optional[str]:
+    def _stop_reason(self, step: int, preemption: Preemption) -> str | None:
         if step == self.cfg.max_steps:  # the run ends here anyway
             return None
         if preemption.requested():
@@ -335,7 +351,7 @@ class BaseTrainer:
                 "from an earlier checkpoint."
             )
 
-    def _export_at_end(self) -> Optional[Path]:
+    def _export_at_end(self) -> Path | None:
         path = self.output_dir / "hf"
         # The values of the last step, not of a graph still running.
         self.backend.sync()

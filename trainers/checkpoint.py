@@ -20,7 +20,7 @@ import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -81,8 +81,8 @@ def save_checkpoint(
     step: int,
     state: dict[str, Any],
     backend: Backend,
-    host_state: Optional[dict[str, Any]] = None,
-    keep: Optional[int] = None,
+    host_state: dict[str, Any] | None = None,
+    keep: int | None = None,
 ) -> Path:
     """Write `state` (nested dicts of tensors) and this host's JSON `host_state` as the
     checkpoint of `step`; then delete complete checkpoints older than the newest `keep`."""
@@ -128,8 +128,6 @@ def save_checkpoint(
     if problem is not None:
         raise RuntimeError(f"checkpoint of step {step} failed: {problem}")
     return final
-
-
 
 
 def _flat_keys(state: dict[str, Any], prefix: str = "") -> list[str]:

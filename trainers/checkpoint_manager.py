@@ -13,7 +13,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Protocol
+from typing import Any, Protocol
 
 from torchprime.backend.base import Backend
 from torchprime.errors import ConfigError
@@ -71,14 +71,23 @@ class CheckpointManager:
         before = self.backend.compile_count()
         started = time.perf_counter()
         path = save_checkpoint(
-            self.root, step, state.checkpoint_tensors(), self.backend, state.host_state(),
+            self.root,
+            step,
+            state.checkpoint_tensors(),
+            self.backend,
+            state.host_state(),
             keep=self.cfg.keep,
         )
-        log.info("checkpoint: step %d saved to %s (%.2f s%s)", step, path,
-                 time.perf_counter() - started, self._compiles_since(before))
+        log.info(
+            "checkpoint: step %d saved to %s (%.2f s%s)",
+            step,
+            path,
+            time.perf_counter() - started,
+            self._compiles_since(before),
+        )
         return path
 
-    def restore(self, state: Stateful) -> Optional[Restored]:
+    def restore(self, state: Stateful) -> Restored | None:
         """Load the checkpoint `resume` asks for into `state`; None: start from step 0.
 
         auto: the newest complete checkpoint that every host can load (damaged ones are
@@ -129,8 +138,11 @@ class CheckpointManager:
             return [path]
         incomplete = describe_incomplete(self.root)
         if incomplete:
-            log.warning("resume: skipping incomplete checkpoints in %s: %s", self.root,
-                        ", ".join(incomplete))
+            log.warning(
+                "resume: skipping incomplete checkpoints in %s: %s",
+                self.root,
+                ", ".join(incomplete),
+            )
         # Every host loads the same checkpoint: the coordinator's view of the folder.
         return broadcast_from_coordinator([p for p in step_dirs(self.root) if is_complete(p)])
 
@@ -141,10 +153,14 @@ class CheckpointManager:
             if int(path.name.removeprefix("step_")) > step:
                 aside = path.with_name(f"{path.name}.after-resume-{time.strftime('%Y%m%d-%H%M%S')}")
                 path.rename(aside)
-                log.warning("resume: %s is newer than the resumed step %d; renamed to %s",
-                            path.name, step, aside.name)
+                log.warning(
+                    "resume: %s is newer than the resumed step %d; renamed to %s",
+                    path.name,
+                    step,
+                    aside.name,
+                )
 
-    def _compiles_since(self, before: Optional[int]) -> str:
+    def _compiles_since(self, before: int | None) -> str:
         if before is None:
             return ""
         return f", {self.backend.compile_count() - before} compilations"

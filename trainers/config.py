@@ -7,19 +7,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Dict, List, Optional
 
 from optimizers.schedules import ScheduleName, wsd_decay_steps
 from torchprime.dtypes import DType
 from torchprime.errors import Problems
 
 
-def _at_least(found: Problems, key: str, value: Optional[float], low: float, null: bool) -> None:
+def _at_least(found: Problems, key: str, value: float | None, low: float, null: bool) -> None:
     ok = (value is None and null) or (value is not None and value >= low)
     found.check(ok, f"{key}={value}: must be at least {low:g}{' (or null)' if null else ''}.")
 
 
-def _positive(found: Problems, key: str, value: Optional[float]) -> None:
+def _positive(found: Problems, key: str, value: float | None) -> None:
     found.check(value is None or value > 0, f"{key}={value}: must be positive (or null).")
 
 
@@ -34,13 +33,13 @@ class OptimizerConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     """Decoupled weight decay; never applied to norms, biases and embeddings."""
-    update_clip: Optional[float] = None
+    update_clip: float | None = None
     """Clamp each element of the Adam update to ±update_clip (null: off)."""
-    update_rms_clip: Optional[float] = None
+    update_rms_clip: float | None = None
     """Scale each tensor's update down to RMS ≤ update_rms_clip (StableAdamW; null: off)."""
-    state_dtype: Optional[DType] = None
+    state_dtype: DType | None = None
     """float32 or bfloat16 for the moment estimates; null: the parameters' dtype."""
-    lr_multipliers: Dict[str, float] = field(default_factory=dict)
+    lr_multipliers: dict[str, float] = field(default_factory=dict)
     """Parameter name pattern (`*` is one name component, as in model.sharding) → factor on
     the scheduled lr, e.g. {lm_head.weight: 0.5}. A pattern matching nothing is an error."""
 
@@ -72,16 +71,17 @@ class LRSchedulerConfig:
     wsd (warmup-stable-decay: the peak, then a linear decay over the last decay_steps)."""
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1
-    decay_steps: Optional[int] = None
+    decay_steps: int | None = None
     """wsd: steps of the final decay. Give this or decay_fraction (neither: 0.1 of max_steps)."""
-    decay_fraction: Optional[float] = None
+    decay_fraction: float | None = None
     """wsd: the final decay as a fraction of max_steps."""
 
     def problems(self, max_steps: int, key: str = "trainer.lr_scheduler") -> Problems:
         found = Problems()
         _at_least(found, f"{key}.warmup_steps", self.warmup_steps, 0, null=False)
         found.check(
-            0 <= self.min_lr_ratio <= 1, f"{key}.min_lr_ratio={self.min_lr_ratio}: must be in [0, 1]."
+            0 <= self.min_lr_ratio <= 1,
+            f"{key}.min_lr_ratio={self.min_lr_ratio}: must be in [0, 1].",
         )
         if self.name == ScheduleName.wsd:
             found.attempt(
@@ -94,11 +94,11 @@ class LRSchedulerConfig:
 class CheckpointConfig:
     """Distributed checkpoints under output_dir/checkpoints/step_NNNNNNNN/."""
 
-    interval: Optional[int] = None
+    interval: int | None = None
     """Save every `interval` steps (null: only at the end)."""
     save_at_end: bool = True
     """Save once more when training ends."""
-    keep: Optional[int] = 3
+    keep: int | None = 3
     """Keep the newest `keep` complete checkpoints, deleting older ones (null: keep all)."""
 
     def problems(self, key: str = "trainer.checkpoint") -> Problems:
@@ -124,14 +124,14 @@ class TrainerConfig:
     loss is normalized by the real tokens of all of them: the same step as one big batch)."""
     logging_steps: int = 10
     """Log metrics every this many steps (and at the first and last step)."""
-    max_grad_norm: Optional[float] = 1.0
+    max_grad_norm: float | None = 1.0
     """Clip gradients to this global L2 norm (null: no clipping; the norm is still logged)."""
-    max_grad_value: Optional[float] = None
+    max_grad_value: float | None = None
     """Clamp each gradient element to ±max_grad_value, before norm clipping (null: off)."""
-    max_consecutive_skips: Optional[int] = 10
+    max_consecutive_skips: int | None = 10
     """Stop the run when this many steps in a row had non-finite gradients (each is skipped:
     nothing changes). Checked at logged steps. null: never stop."""
-    peak_flops_per_device: Optional[float] = None
+    peak_flops_per_device: float | None = None
     """Peak FLOP/s of one device for the logged mfu; null: from the table of known TPUs (no
     mfu elsewhere, e.g. on CPU)."""
     progress_bar: bool = True
@@ -144,7 +144,7 @@ class TrainerConfig:
     every new XLA compilation is reported with the step and its cause."""
     fail_on_recompile: bool = False
     """Stop the run (exit 1) at a compilation after warm-up instead of warning."""
-    stop_at_step: Optional[int] = None
+    stop_at_step: int | None = None
     """Stop once this step is done, as a preemption would (save, exit 0), without changing the
     schedule, which still spans max_steps; resume with trainer.resume=auto. null: run on."""
     export_hf: bool = False
@@ -193,12 +193,12 @@ class WandbConfig:
     mode: WandbMode = WandbMode.offline
     """offline (written under `dir`, `wandb sync` uploads it later), online or disabled."""
     project: str = "torchprime"
-    entity: Optional[str] = None
+    entity: str | None = None
     """Team or user; null: wandb's default for the logged-in user."""
-    run_name: Optional[str] = None
+    run_name: str | None = None
     """Name shown in wandb; null: the run's run_name."""
-    tags: List[str] = field(default_factory=list)
-    dir: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    dir: str | None = None
     """Where wandb writes its files (a wandb/ folder inside); null: output_dir."""
 
 
@@ -208,12 +208,12 @@ class ProfileConfig:
     TensorBoard's profile plugin or XProf), the PyTorch profiler elsewhere (a Chrome trace,
     chrome://tracing or Perfetto)."""
 
-    start_step: Optional[int] = None
+    start_step: int | None = None
     """First traced step; null: no trace. Past warm-up (3 or later), the trace shows steady
     steps rather than compilation."""
     num_steps: int = 3
     """Steps in the trace."""
-    dir: Optional[str] = None
+    dir: str | None = None
     """Where the trace goes; null: output_dir/profile."""
 
     def problems(self, max_steps: int, key: str = "profile") -> Problems:

@@ -72,7 +72,8 @@ class TrackedBatches:
             if consumed:
                 log.warning(
                     "data: the checkpoint has no data position for this pipeline; skipping "
-                    "the %d batches already trained on by reading them again", consumed
+                    "the %d batches already trained on by reading them again",
+                    consumed,
                 )
             self._skip = consumed
         self.consumed = consumed

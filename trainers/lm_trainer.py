@@ -12,7 +12,9 @@ from trainers.base_trainer import BaseTrainer
 
 
 class LMTrainer(BaseTrainer):
-    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         labels = batch["labels"]
         extra = {}
         if "position_ids" in batch:  # document packing: RoPE positions restart per document

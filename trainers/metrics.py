@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from torch import nn
 
@@ -82,7 +82,7 @@ def model_flops_per_token(model: nn.Module, seq_len: int) -> float:
     return 6.0 * sum(counted.values()) + attention
 
 
-def peak_flops(device_kind: str, override: Optional[float]) -> Optional[float]:
+def peak_flops(device_kind: str, override: float | None) -> float | None:
     """Peak FLOP/s of one device: the config's value, else the chip table's, else None (no
     mfu)."""
     if override is not None:

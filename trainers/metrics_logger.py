@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Protocol
+from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
@@ -43,19 +43,19 @@ class TrainSummary:
     max_steps: int
     start_step: int
     """The step this process started after (0, or the resumed checkpoint's)."""
-    first_loss: Optional[float]
-    last_loss: Optional[float]
+    first_loss: float | None
+    last_loss: float | None
     tokens_per_sec: float
     """Over the steps after the first one of this process (which includes compilation)."""
     elapsed_s: float
-    compiles: Optional[int]
+    compiles: int | None
     metrics_path: Path
-    checkpoint: Optional[Path]
-    resumed_from: Optional[Path] = None
-    stopped: Optional[str] = None
+    checkpoint: Path | None
+    resumed_from: Path | None = None
+    stopped: str | None = None
     """Why the run stopped before max_steps (SIGTERM, trainer.stop_at_step), if it did."""
     skipped_steps: int = 0
-    hf_export: Optional[Path] = None
+    hf_export: Path | None = None
 
 
 class MetricsLogger:
@@ -66,8 +66,8 @@ class MetricsLogger:
         path: Path,
         backend: Backend,
         tokens_per_step: int,
-        flops_per_token: Optional[float] = None,
-        peak_flops: Optional[float] = None,
+        flops_per_token: float | None = None,
+        peak_flops: float | None = None,
         progress_bar: bool = True,
         sinks: Sequence[Sink] = (),
     ):
@@ -79,12 +79,12 @@ class MetricsLogger:
         self.show_bar = progress_bar and sys.stderr.isatty()
         """A bar on a terminal; logged lines instead in files and pod logs (no terminal)."""
         self.sinks = list(sinks)
-        self._file: Optional[MetricsFile] = None
-        self._bar: Optional[tqdm] = None
-        self.losses: list[Optional[float]] = []
+        self._file: MetricsFile | None = None
+        self._bar: tqdm | None = None
+        self.losses: list[float | None] = []
         self.skipped_steps = 0
         self._window = (0, 0.0)  # (step, time) of the previous logged step
-        self._steady: Optional[tuple[int, float]] = None  # the first logged step's
+        self._steady: tuple[int, float] | None = None  # the first logged step's
 
     def truncate(self, last_step: int) -> int:
         """Drop the records after `last_step` (a resumed run logs them again); returns how
@@ -95,8 +95,13 @@ class MetricsLogger:
         if is_coordinator():
             self._file = MetricsFile(self.path)
         self._window = (start_step, time.perf_counter())
-        self._bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step",
-                         disable=not self.show_bar)
+        self._bar = tqdm(
+            total=max_steps,
+            initial=start_step,
+            desc="train",
+            unit="step",
+            disable=not self.show_bar,
+        )
 
     def step_done(self) -> None:
         if self._bar is not None:
@@ -117,7 +122,8 @@ class MetricsLogger:
         }
         if self.flops_per_token and self.peak_flops:
             record["mfu"] = (
-                tokens_per_sec * self.flops_per_token
+                tokens_per_sec
+                * self.flops_per_token
                 / (self.peak_flops * self.backend.device_count)
             )
         compiles = self.backend.compile_count()
@@ -135,8 +141,13 @@ class MetricsLogger:
         if self._bar is not None:
             self._bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
         if not self.show_bar:
-            log.info("step %d  loss %.4f  lr %.2e  %.0f tok/s", step, record["loss"],
-                     record["lr"], tokens_per_sec)
+            log.info(
+                "step %d  loss %.4f  lr %.2e  %.0f tok/s",
+                step,
+                record["loss"],
+                record["lr"],
+                tokens_per_sec,
+            )
         return record
 
     def close(self, failed: bool) -> None:

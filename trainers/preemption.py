@@ -20,7 +20,7 @@ class Preemption:
         self._received = False
         self._previous: Any = None
 
-    def __enter__(self) -> "Preemption":
+    def __enter__(self) -> Preemption:
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self

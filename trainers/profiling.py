@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -55,7 +54,7 @@ class GraphDumper(Callback):
         self.dir = hlo_dir(output_dir)
         self.left = steps
 
-    def before_sync(self, step: int, tensors: list[torch.Tensor]) -> Optional[Path]:
+    def before_sync(self, step: int, tensors: list[torch.Tensor]) -> Path | None:
         if not self.enabled or self.left <= 0:
             return None
         self.left -= 1

@@ -25,12 +25,16 @@ backend = select_backend("cpu", cpu_devices=1)
 weights = torch.arange(12.0).reshape(3, 4)
 for step in (5, 10):
     state = {"model": {"w": weights * step}, "counters": {"step": torch.tensor(float(step))}}
-    save_checkpoint(root, step, state, backend, {"rank": rank, "batches_consumed": step + rank}, keep=1)
+    host = {"rank": rank, "batches_consumed": step + rank}
+    save_checkpoint(root, step, state, backend, host, keep=1)
 fresh = {"model": {"w": torch.zeros(3, 4)}, "counters": {"step": torch.tensor(0.0)}}
 record = load_checkpoint(step_dirs(root)[0], fresh, backend)
 agree = [any_host(False), any_host(rank == 1)]  # a SIGTERM seen by host 1 only
-print(json.dumps({"rank": rank, "record": record, "agree": agree, "w_ok": bool(torch.equal(fresh["model"]["w"], weights * 10)),
-                  "step": fresh["counters"]["step"].item(), "dirs": [p.name for p in step_dirs(root)]}))
+w_ok = bool(torch.equal(fresh["model"]["w"], weights * 10))
+dirs = [p.name for p in step_dirs(root)]
+step = fresh["counters"]["step"].item()
+print(json.dumps({"rank": rank, "record": record, "agree": agree, "w_ok": w_ok, "step": step,
+                  "dirs": dirs}))
 dist.destroy_process_group()
 """
 
@@ -46,15 +50,21 @@ def test_two_hosts_write_one_checkpoint_and_each_reads_back_its_own_record(tmp_p
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2")
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(tmp_path)], cwd=ROOT, env={**env, "RANK": str(rank)},
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [sys.executable, "-c", WORKER, str(tmp_path)],
+            cwd=ROOT,
+            env={**env, "RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for rank in range(2)
     ]
     outputs = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, outputs):
+    for p, (_out, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
-    results = sorted((json.loads(out.strip().splitlines()[-1]) for out, _ in outputs), key=lambda r: r["rank"])
+    results = sorted(
+        (json.loads(out.strip().splitlines()[-1]) for out, _ in outputs), key=lambda r: r["rank"]
+    )
     for rank, r in enumerate(results):
         assert r["w_ok"] and r["step"] == 10.0
         assert r["record"] == {"step": 10, "rank": rank, "batches_consumed": 10 + rank}
@@ -62,6 +72,9 @@ def test_two_hosts_write_one_checkpoint_and_each_reads_back_its_own_record(tmp_p
         assert r["agree"] == [False, True]  # both hosts stop when one received the signal
     folder = tmp_path / "step_00000010"
     assert sorted(p.name for p in folder.iterdir() if not p.name.endswith(".distcp")) == [
-        ".metadata", "COMPLETE", "host_00000.json", "host_00001.json"
+        ".metadata",
+        "COMPLETE",
+        "host_00000.json",
+        "host_00001.json",
     ]
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

@@ -82,7 +82,8 @@ def test_target_and_dry_run_keys_are_checked(tmp_path):
 # Four independent mistakes: a mesh that does not cover the devices, a batch that mesh cannot
 # split, a sharding pattern and a remat class that match nothing. Each mode reports all four.
 FOUR_MISTAKES = (
-    "ici_mesh.fsdp=8", "trainer.global_batch_size=12",
+    "ici_mesh.fsdp=8",
+    "trainer.global_batch_size=12",
     "++model.sharding.parameters={lm_haed.weight: [fsdp, null]}",
     "model.remat.activation_checkpoint_layers=[LlamaDecoderLayr]",
 )

@@ -1,4 +1,5 @@
-"""`dry_run=true`: a pod preset checked on this machine, as a user would before paying for the pod."""
+"""`dry_run=true` and `plan_only=true`: pod presets checked on this machine, as a user would
+before paying for the pod."""
 
 from __future__ import annotations
 
@@ -10,7 +11,13 @@ from conftest import read_jsonl, requires_xla, run_train
 PRESETS = [
     ("llama3_8b_v5p_128", 64, "8.03B", "fsdp=64 (64 devices)", "mesh fsdp=64"),
     ("llama3_8b_v6e_256", 8, "8.03B", "fsdp=256 (256 devices)", "mesh fsdp=8"),
-    ("llama3_1_70b_v6e_256", 8, "70.55B", "fsdp=64 x tensor=4 (256 devices)", "mesh fsdp=2 x tensor=4"),
+    (
+        "llama3_1_70b_v6e_256",
+        8,
+        "70.55B",
+        "fsdp=64 x tensor=4 (256 devices)",
+        "mesh fsdp=2 x tensor=4",
+    ),
 ]
 
 
@@ -21,7 +28,7 @@ def test_pod_presets_pass_their_dry_run(tmp_path, preset, devices, params, plan_
         f"+config={preset}", "dry_run=true", f"dry_run_devices={devices}", f"output_dir={tmp_path}"
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = proc.stdout[proc.stdout.index("dry run: "):]
+    report = proc.stdout[proc.stdout.index("dry run: ") :]
     assert f"plan        {params} parameters on mesh {plan_mesh}" in report
     assert "memory      fits:" in report
     assert run_mesh in report
@@ -43,15 +50,20 @@ def test_pod_presets_pass_their_dry_run(tmp_path, preset, devices, params, plan_
 @requires_xla
 def test_a_broken_pod_config_gets_every_problem_at_once_and_no_steps(tmp_path):
     proc = run_train(
-        "+config=llama3_8b_v5p_128", "dry_run=true", f"output_dir={tmp_path}",
-        "model=llama3_1_405b", "dtype=float32", "target.chip=v5e",  # 71 GiB a chip of 16
+        "+config=llama3_8b_v5p_128",
+        "dry_run=true",
+        f"output_dir={tmp_path}",
+        "model=llama3_1_405b",
+        "dtype=float32",
+        "target.chip=v5e",  # 71 GiB a chip of 16
         "trainer.global_batch_size=100",  # not a multiple of fsdp=64
-        "model.attention_kernel=splash", "data.packing=document",  # splash takes no bias
+        "model.attention_kernel=splash",
+        "data.packing=document",  # splash takes no bias
         "model.remat.activation_checkpoint_layers=[LlamaDecoderLayr]",
         "+trainer.optimizer.lr_multipliers={lm_haed.weight: 0.5}",
     )
     assert proc.returncode == 1, proc.stderr[-3000:]
-    report = proc.stdout[proc.stdout.index("dry run: "):]
+    report = proc.stdout[proc.stdout.index("dry run: ") :]
     assert "plan        405.85B parameters on mesh fsdp=64" in report
     assert "memory      DOES NOT FIT" in report
     assert "activations 1.94 TiB kept for backward" in report  # no remat: its class is misspelt
@@ -69,8 +81,15 @@ def test_a_broken_pod_config_gets_every_problem_at_once_and_no_steps(tmp_path):
 
 def test_plan_only_prints_the_plan_of_a_pod_config_without_running(tmp_path):
     proc = run_train(
-        "plan_only=true", "model=llama3_8b", "dtype=bfloat16", "ici_mesh.fsdp=256",
-        "data.block_size=2048", "trainer.global_batch_size=256", "model/remat=scan_remat", "target.chip=v5e", f"output_dir={tmp_path / 'run'}",
+        "plan_only=true",
+        "model=llama3_8b",
+        "dtype=bfloat16",
+        "ici_mesh.fsdp=256",
+        "data.block_size=2048",
+        "trainer.global_batch_size=256",
+        "model/remat=scan_remat",
+        "target.chip=v5e",
+        f"output_dir={tmp_path / 'run'}",
         python_flags=("-X", "importtime"),  # lists every imported module on stderr
     )
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -27,8 +27,11 @@ def test_training_starts_from_the_checkpoint_weights(tmp_path):
     model = saved_tiny(tmp_path / "hf")
     out = tmp_path / "run"
     proc = run_train(
-        "backend=cpu", f"model.pretrained_path={tmp_path / 'hf'}", "trainer.max_steps=1",
-        "trainer.progress_bar=false", f"output_dir={out}",
+        "backend=cpu",
+        f"model.pretrained_path={tmp_path / 'hf'}",
+        "trainer.max_steps=1",
+        "trainer.progress_bar=false",
+        f"output_dir={out}",
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
@@ -41,8 +44,11 @@ def test_training_starts_from_the_checkpoint_weights(tmp_path):
 def test_a_checkpoint_of_another_architecture_is_refused_with_the_fields(tmp_path):
     saved_tiny(tmp_path / "hf")
     proc = run_train(
-        "backend=cpu", f"model.pretrained_path={tmp_path / 'hf'}", "model.hidden_size=256",
-        "model.num_hidden_layers=2", f"output_dir={tmp_path / 'run'}",
+        "backend=cpu",
+        f"model.pretrained_path={tmp_path / 'hf'}",
+        "model.hidden_size=256",
+        "model.num_hidden_layers=2",
+        f"output_dir={tmp_path / 'run'}",
     )
     assert proc.returncode == 2
     assert "model.hidden_size=256 but the checkpoint has 128" in proc.stderr

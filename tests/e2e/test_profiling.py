@@ -8,7 +8,12 @@ import json
 
 from conftest import requires_xla, run_train
 
-STEPS = ("trainer.max_steps=5", "trainer.progress_bar=false", "profile.start_step=3", "profile.num_steps=2")
+STEPS = (
+    "trainer.max_steps=5",
+    "trainer.progress_bar=false",
+    "profile.start_step=3",
+    "profile.num_steps=2",
+)
 
 
 @requires_xla
@@ -17,7 +22,9 @@ def test_xla_run_writes_a_trace_the_step_graphs_and_the_metrics_report(tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     traces = list((tmp_path / "profile").rglob("*.xplane.pb"))
     assert len(traces) == 1 and traces[0].stat().st_size > 10_000
-    events = json.loads(gzip.decompress(next(traces[0].parent.glob("*.trace.json.gz")).read_bytes()))
+    events = json.loads(
+        gzip.decompress(next(traces[0].parent.glob("*.trace.json.gz")).read_bytes())
+    )
     assert events["traceEvents"]
     # the two graphs that compile, as traced: with their sharding annotations
     graphs = sorted(p.name for p in (tmp_path / "hlo").glob("step_*.hlo.txt"))
@@ -28,7 +35,10 @@ def test_xla_run_writes_a_trace_the_step_graphs_and_the_metrics_report(tmp_path)
     assert any(p.name.endswith("after_optimizations.txt") for p in dumped)
     assert any(p.name.endswith("before_optimizations.txt") for p in dumped)
     assert all(p.suffix == ".txt" for p in dumped)
-    step = max((p for p in dumped if p.name.endswith("cpu_after_optimizations.txt")), key=lambda p: p.stat().st_size)
+    step = max(
+        (p for p in dumped if p.name.endswith("cpu_after_optimizations.txt")),
+        key=lambda p: p.stat().st_size,
+    )
     # the per-device program: the [264, 128] embedding appears as its fsdp=4 shard
     assert "f32[66,128]" in step.read_text()
     assert "f32[66,128]" not in step.with_name(step.name.replace("cpu_after", "before")).read_text()

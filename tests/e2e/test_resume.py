@@ -16,7 +16,9 @@ from trainers.metrics import read_metrics
 
 # Rows of 64 tokens keep the steps cheap; the model is the default tiny one.
 RUN = (
-    "trainer.max_steps=8", "trainer.logging_steps=1", "trainer.progress_bar=false",
+    "trainer.max_steps=8",
+    "trainer.logging_steps=1",
+    "trainer.progress_bar=false",
     "data.block_size=64",
 )
 STRAIGHT = (*RUN, "trainer.checkpoint.interval=4")
@@ -100,8 +102,8 @@ def wandb_history(run_dir: Path) -> dict[int, dict]:
         if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
             pos += 32768 - pos % 32768
             continue
-        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
         if kind == 0:
             continue
         pending = chunk if kind in (1, 2) else pending + chunk
@@ -109,8 +111,10 @@ def wandb_history(run_dir: Path) -> dict[int, dict]:
             record = pb.Record()
             record.ParseFromString(pending)
             if record.WhichOneof("record_type") == "history":
-                items = {i.key or "/".join(i.nested_key): json.loads(i.value_json)
-                         for i in record.history.item}
+                items = {
+                    i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                    for i in record.history.item
+                }
                 history[record.history.step.num] = items
     return history
 
@@ -141,8 +145,13 @@ def xla_preempted(tmp_path_factory):
     """SIGTERM in the middle of step 4, then resumed."""
     out = tmp_path_factory.mktemp("xla_preempted")
     first = train(*RUN, f"output_dir={out}", sigterm_at=4, torchax=True)
-    second = train(*RUN, f"output_dir={out}", "trainer.resume=auto",
-                   "trainer.checkpoint.interval=2", torchax=True)
+    second = train(
+        *RUN,
+        f"output_dir={out}",
+        "trainer.resume=auto",
+        "trainer.checkpoint.interval=2",
+        torchax=True,
+    )
     return out, first, second
 
 
@@ -176,8 +185,14 @@ def test_xla_run_preempted_by_sigterm_resumes_to_the_same_losses(xla_straight, x
 def test_a_checkpoint_from_4_devices_resumes_on_2(xla_straight, tmp_path):
     straight, _ = xla_straight
     checkpoint = straight / "checkpoints" / "step_00000004"
-    proc = train(*RUN, "cpu_devices=2", "ici_mesh.fsdp=2", f"output_dir={tmp_path}",
-                 f"trainer.resume={checkpoint}", torchax=True)
+    proc = train(
+        *RUN,
+        "cpu_devices=2",
+        "ici_mesh.fsdp=2",
+        f"output_dir={tmp_path}",
+        f"trainer.resume={checkpoint}",
+        torchax=True,
+    )
     assert "mesh: fsdp=2" in proc.log
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == [5, 6, 7, 8]

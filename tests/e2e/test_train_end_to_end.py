@@ -41,9 +41,13 @@ def test_xla_compiles_only_while_warming_up(xla_run):
 @requires_xla
 def test_scanned_layers_train_without_recompiling(tmp_path):
     proc = run_train(
-        "model/remat=scan_remat", "trainer.max_steps=12", "trainer.logging_steps=1",
-        "trainer.checkpoint.interval=6", "trainer.fail_on_recompile=true",
-        "trainer.progress_bar=false", f"output_dir={tmp_path}",
+        "model/remat=scan_remat",
+        "trainer.max_steps=12",
+        "trainer.logging_steps=1",
+        "trainer.checkpoint.interval=6",
+        "trainer.fail_on_recompile=true",
+        "trainer.progress_bar=false",
+        f"output_dir={tmp_path}",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = read_jsonl(tmp_path / "metrics.jsonl")
@@ -84,8 +88,14 @@ def test_run_writes_resolved_config_and_a_complete_checkpoint(cpu_run):
 
 def test_preset_and_group_and_key_overrides_compose(tmp_path):
     proc = run_train(
-        "+config=smoke", "backend=cpu", "trainer.max_steps=3", "model=tiny", "data=stdlib",
-        "trainer=default", f"output_dir={tmp_path}", "trainer.progress_bar=false",
+        "+config=smoke",
+        "backend=cpu",
+        "trainer.max_steps=3",
+        "model=tiny",
+        "data=stdlib",
+        "trainer=default",
+        f"output_dir={tmp_path}",
+        "trainer.progress_bar=false",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     config = yaml.safe_load((tmp_path / "config.yaml").read_text())

@@ -133,9 +133,15 @@ def TracedPath(params, **kwargs):
     return AdamW(params, traced=True, **kwargs)
 
 
-@pytest.mark.parametrize("kwargs", [
-    {}, {"update_clip": 0.5}, {"update_rms_clip": 0.5}, {"state_dtype": torch.bfloat16},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"update_clip": 0.5},
+        {"update_rms_clip": 0.5},
+        {"state_dtype": torch.bfloat16},
+    ],
+)
 def test_the_in_place_update_of_eager_devices_matches_the_traced_one(kwargs):
     in_place, opt = train(AdamW, **kwargs)
     traced, ref_opt = train(TracedPath, **kwargs)

@@ -8,7 +8,7 @@ import torch
 from models import build_model
 from models.llama import LlamaConfig
 from models.masks import padding_bias, segment_bias
-from torchprime.attention import check_attention_kernel, padded_length, block_sizes
+from torchprime.attention import block_sizes, check_attention_kernel, padded_length
 from torchprime.errors import ConfigError
 
 
@@ -23,7 +23,10 @@ def make(**overrides):
 def test_a_segment_bias_makes_packed_documents_independent(kernel):
     model = make(attention_kernel=kernel)
     g = torch.Generator().manual_seed(2)
-    doc_a, doc_b = torch.randint(0, 264, (1, 7), generator=g), torch.randint(0, 264, (1, 9), generator=g)
+    doc_a, doc_b = (
+        torch.randint(0, 264, (1, 7), generator=g),
+        torch.randint(0, 264, (1, 9), generator=g),
+    )
     packed = torch.cat([doc_a, doc_b], dim=1)
     segments = torch.tensor([[0] * 7 + [1] * 9])
     positions = torch.cat([torch.arange(7), torch.arange(9)])[None]  # restart per document
@@ -55,8 +58,11 @@ def check(kernel="flash", overrides=None, kind="TPU v5p", causal=True, seq=2048,
 
 def test_pallas_kernels_refuse_to_start_off_tpu():
     for kernel in ("flash", "splash"):
-        with pytest.raises(ConfigError, match=f"attention_kernel='{kernel}' is a Pallas kernel "
-                                              "that runs only on TPU; this run's devices are CPU"):
+        with pytest.raises(
+            ConfigError,
+            match=f"attention_kernel='{kernel}' is a Pallas kernel "
+            "that runs only on TPU; this run's devices are CPU",
+        ):
             check(kernel, kind="CPU")
     check("sdpa", kind="CPU")
 

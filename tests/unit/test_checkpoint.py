@@ -15,8 +15,8 @@ from models.llama import LlamaConfig
 from torchprime.backend import select_backend
 from torchprime.errors import ConfigError
 from torchprime.mesh import MeshAxesConfig, resolve_mesh
-from trainers.checkpoint import CorruptCheckpoint, check_readable, load_checkpoint, save_checkpoint
 from trainers import make_trainer as trainer_of
+from trainers.checkpoint import CorruptCheckpoint, check_readable, load_checkpoint, save_checkpoint
 from trainers.config import CheckpointConfig, TrainerConfig
 
 BACKEND = select_backend("cpu", cpu_devices=1)
@@ -93,8 +93,9 @@ def test_damage_is_found_before_loading(tmp_path):
 
 
 def test_resume_auto_skips_incomplete_and_corrupt_checkpoints_naming_them(tmp_path, caplog):
-    first = make_trainer(tmp_path, max_steps=6, logging_steps=2,
-                         checkpoint=CheckpointConfig(interval=2))
+    first = make_trainer(
+        tmp_path, max_steps=6, logging_steps=2, checkpoint=CheckpointConfig(interval=2)
+    )
     first.train()
     root = tmp_path / "checkpoints"
     (root / "step_00000006" / ".metadata").write_bytes(b"\0garbage")
@@ -109,8 +110,10 @@ def test_resume_auto_skips_incomplete_and_corrupt_checkpoints_naming_them(tmp_pa
     # Set aside, so that neither the next resume nor the pruning takes them for this run's.
     names = sorted(p.name.split(".")[0] + ("*" if "." in p.name else "") for p in root.iterdir())
     assert names == ["step_00000002", "step_00000004", "step_00000006*", "step_00000008*"]
-    assert "step_00000008 is newer than the resumed step 4; renamed to step_00000008.after-" \
+    assert (
+        "step_00000008 is newer than the resumed step 4; renamed to step_00000008.after-"
         "resume-" in "\n".join(r.getMessage() for r in caplog.records)
+    )
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     steps = [json.loads(line)["step"] for line in lines]
     assert steps == [1, 2, 4]  # what was logged after the checkpoint is logged again
@@ -120,8 +123,11 @@ def test_resume_auto_with_only_damaged_checkpoints_stops(tmp_path):
     t = make_trainer(tmp_path)
     path = save_checkpoint(tmp_path / "checkpoints", 2, t.checkpoint_tensors(), BACKEND)
     (path / ".metadata").write_bytes(b"")
-    with pytest.raises(ConfigError, match=r"trainer.resume=auto: no checkpoint in .* can be "
-                                          r"loaded \(step_00000002\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"trainer.resume=auto: no checkpoint in .* can be "
+        r"loaded \(step_00000002\)",
+    ):
         make_trainer(tmp_path, resume="auto").restore()
 
 

@@ -18,14 +18,19 @@ from models import build_model
 from models.llama import LlamaConfig
 from torchprime.backend import select_backend
 from torchprime.mesh import MeshAxesConfig, resolve_mesh
-from trainers.config import TrainerConfig
 from trainers import make_trainer
+from trainers.config import TrainerConfig
 
 BACKEND = select_backend("cpu", cpu_devices=1)
 MESH = resolve_mesh(MeshAxesConfig(fsdp=1), MeshAxesConfig(), None)
 # As small as a Llama gets, so that compiling takes seconds.
-SMALL = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                    num_attention_heads=2, num_key_value_heads=1)
+SMALL = LlamaConfig(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+)
 
 
 def trainer(tmp_path, compile: bool):
@@ -78,7 +83,14 @@ def test_compile_is_ignored_on_xla_with_a_note(tmp_path, caplog):
 
     model = build_model(SMALL, torch.float32).to_empty(device="cpu")
     with caplog.at_level(logging.WARNING):
-        t = make_trainer(TrainerConfig(compile=True), model, XlaLike("cpu"), MESH, (), tmp_path,
-                      tokens_per_step=64)
+        t = make_trainer(
+            TrainerConfig(compile=True),
+            model,
+            XlaLike("cpu"),
+            MESH,
+            (),
+            tmp_path,
+            tokens_per_step=64,
+        )
     assert "trainer.compile=true is ignored on XLA" in caplog.text
     assert "forward" not in vars(t)  # the trainer's own method, not a compiled one

@@ -237,7 +237,9 @@ def test_a_source_shorter_than_one_row_is_an_error(tmp_path):
 
 def test_every_problem_of_the_data_block_is_named_at_once():
     cfg = DataConfig(
-        collator="seq2seq", shuffle_buffer=-1, block_size=1,
+        collator="seq2seq",
+        shuffle_buffer=-1,
+        block_size=1,
         sources=[SourceConfig(source="stdlib", weight=0), SourceConfig(source="hub")],
     )
     assert cfg.problems() == [

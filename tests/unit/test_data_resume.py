@@ -125,7 +125,14 @@ def test_the_state_is_plain_json_that_names_its_parts(corpus):
     next(p)
     state = json.loads(json.dumps(p.state_dict()))  # plain JSON data
     assert set(state) == {
-        "version", "config", "batches", "epoch", "sources", "mixture", "shuffle", "packing"
+        "version",
+        "config",
+        "batches",
+        "epoch",
+        "sources",
+        "mixture",
+        "shuffle",
+        "packing",
     }
     assert state["batches"] == 1 and state["config"]["block_size"] == 16
     assert len(state["sources"]) == 2

@@ -75,9 +75,10 @@ def test_init_is_seeded_and_follows_the_config():
 def test_tied_embeddings_share_one_tensor():
     model = make(tie_word_embeddings=True)
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    assert sum(p.numel() for p in model.parameters()) == sum(
-        p.numel() for p in make().parameters()
-    ) - 264 * 128
+    assert (
+        sum(p.numel() for p in model.parameters())
+        == sum(p.numel() for p in make().parameters()) - 264 * 128
+    )
 
 
 def test_loss_is_the_mean_over_labelled_tokens_only():
@@ -140,6 +141,8 @@ def test_bfloat16_model_trains_close_to_float32():
         out = model(ids, labels=ids)
         out.loss.backward()
         assert out.loss.dtype == torch.float32  # the loss is computed in float32
-        assert all(p.grad.dtype == dtype and torch.isfinite(p.grad).all() for p in model.parameters())
+        assert all(
+            p.grad.dtype == dtype and torch.isfinite(p.grad).all() for p in model.parameters()
+        )
         losses[dtype] = out.loss.item()
     assert losses[torch.bfloat16] == pytest.approx(losses[torch.float32], rel=2e-2)

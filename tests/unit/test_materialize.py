@@ -18,7 +18,9 @@ def test_materialized_weights_equal_an_in_place_init_and_ties_hold():
     cfg = LlamaConfig(tie_word_embeddings=True)
     model = build_model(cfg, torch.float32)
     specs = plan_parameter_specs(model, cfg.sharding, mesh)
-    materialize(model, specs, mesh, backend, model.init_module_weights, torch.Generator().manual_seed(5))
+    materialize(
+        model, specs, mesh, backend, model.init_module_weights, torch.Generator().manual_seed(5)
+    )
 
     reference = build_model(cfg, torch.float32)
     reference.to_empty(device="cpu")

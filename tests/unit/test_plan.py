@@ -19,7 +19,9 @@ def plan_for(preset, sharding, dtype, state_dtype=None, **axes):
     cfg = composed(f"model={preset}", f"model/sharding={sharding}")
     model = build_model(cfg.model, dtype)
     mesh = resolve_mesh(MeshAxesConfig(**axes), MeshAxesConfig(), None)
-    return make_plan(model, plan_parameter_specs(model, cfg.model.sharding, mesh), mesh, state_dtype)
+    return make_plan(
+        model, plan_parameter_specs(model, cfg.model.sharding, mesh), mesh, state_dtype
+    )
 
 
 def test_llama3_8b_on_256_chips_holds_a_256th_of_the_weights_per_chip():
@@ -58,7 +60,9 @@ def test_activation_estimate_of_the_8b_preset_and_what_remat_and_offload_change(
 
     cfg = composed("model=llama3_8b")
     mesh = resolve_mesh(MeshAxesConfig(fsdp=64), MeshAxesConfig(), None)
-    remat = RematConfig(scan_layers="model.layers", activation_checkpoint_layers=["LlamaDecoderLayer"])
+    remat = RematConfig(
+        scan_layers="model.layers", activation_checkpoint_layers=["LlamaDecoderLayer"]
+    )
     cfg.model.attention_kernel = "flash"
     layer = "LlamaDecoderLayer"
     a = estimate_activations(

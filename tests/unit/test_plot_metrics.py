@@ -7,11 +7,11 @@ import torch
 
 from models import build_model
 from models.llama import LlamaConfig
+from tools.plot_metrics import main
 from torchprime.backend import select_backend
 from torchprime.mesh import MeshAxesConfig, resolve_mesh
-from tools.plot_metrics import main
-from trainers.config import CheckpointConfig, TrainerConfig
 from trainers import make_trainer
+from trainers.config import CheckpointConfig, TrainerConfig
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -23,12 +23,21 @@ def run_dir(tmp_path_factory):
     model = build_model(LlamaConfig(num_hidden_layers=1), torch.float32).to_empty(device="cpu")
     model.init_weights(torch.Generator().manual_seed(0))
     ids = torch.randint(0, 259, (2, 16), generator=torch.Generator().manual_seed(0))
-    cfg = TrainerConfig(max_steps=3, logging_steps=1, progress_bar=False,
-                        checkpoint=CheckpointConfig(save_at_end=False))
-    make_trainer(cfg, model, select_backend("cpu", cpu_devices=1),
-              resolve_mesh(MeshAxesConfig(fsdp=1), MeshAxesConfig(), None),
-              iter(lambda: {"input_ids": ids, "labels": ids}, None), out,
-              tokens_per_step=32).train()
+    cfg = TrainerConfig(
+        max_steps=3,
+        logging_steps=1,
+        progress_bar=False,
+        checkpoint=CheckpointConfig(save_at_end=False),
+    )
+    make_trainer(
+        cfg,
+        model,
+        select_backend("cpu", cpu_devices=1),
+        resolve_mesh(MeshAxesConfig(fsdp=1), MeshAxesConfig(), None),
+        iter(lambda: {"input_ids": ids, "labels": ids}, None),
+        out,
+        tokens_per_step=32,
+    ).train()
     return out
 
 

@@ -54,6 +54,9 @@ def test_a_compilation_outside_the_step_is_told_apart_and_can_stop_the_run():
     guard.before_sync(3, [y])
     backend.sync()
     (x + 123.0).sum().item()  # another graph, outside the step (say, an evaluation)
-    with pytest.raises(RecompileError, match=r"at step 3, after warm-up: a graph outside the "
-                                             r"training step \(the checkpoint save\)"):
+    with pytest.raises(
+        RecompileError,
+        match=r"at step 3, after warm-up: a graph outside the "
+        r"training step \(the checkpoint save\)",
+    ):
         guard.after_step(3, "the checkpoint save")

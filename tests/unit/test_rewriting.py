@@ -50,7 +50,9 @@ def loss_and_grads(backend, mesh, remat: RematConfig):
     )
     model = build_model(cfg, torch.float32)
     specs = plan_parameter_specs(model, cfg.sharding, mesh)
-    materialize(model, specs, mesh, backend, model.init_module_weights, torch.Generator().manual_seed(0))
+    materialize(
+        model, specs, mesh, backend, model.init_module_weights, torch.Generator().manual_seed(0)
+    )
     apply_rewriting(model, remat, backend)
     ids = torch.randint(0, 264, (4, 16), generator=torch.Generator().manual_seed(1))
     ids = ids.to(backend.device)
@@ -83,7 +85,7 @@ def test_xla_rewriting_keeps_loss_and_gradients_and_shows_in_the_graph():
     base = loss_and_grads(backend, mesh, RematConfig())
     assert "opt-barrier" not in base[2] and " while(" not in base[2]
     results = {name: loss_and_grads(backend, mesh, remat) for name, remat in XLA_VARIANTS.items()}
-    for name, result in results.items():
+    for _name, result in results.items():
         assert_same(result, base, 1e-5)
     assert " while(" in results["scan"][2]  # the layers run as one loop
     assert "opt-barrier" in results["barriers"][2]
@@ -96,11 +98,17 @@ def test_xla_rewriting_keeps_loss_and_gradients_and_shows_in_the_graph():
 
 def test_names_that_match_nothing_list_the_closest():
     model = build_model(LlamaConfig(), torch.float32)
-    with pytest.raises(ConfigError, match=r"no module of class 'LlamaDecoderLayr'.*LlamaDecoderLayer"):
+    with pytest.raises(
+        ConfigError, match=r"no module of class 'LlamaDecoderLayr'.*LlamaDecoderLayer"
+    ):
         check_remat(model, RematConfig(activation_checkpoint_layers=["LlamaDecoderLayr"]))
-    with pytest.raises(ConfigError, match=r"scan_layers='model.layer': no such module.*model.layers"):
+    with pytest.raises(
+        ConfigError, match=r"scan_layers='model.layer': no such module.*model.layers"
+    ):
         check_remat(model, RematConfig(scan_layers="model.layer"))
-    with pytest.raises(ConfigError, match=r"scan_layers='model.norm' is a RMSNorm, not a layer stack"):
+    with pytest.raises(
+        ConfigError, match=r"scan_layers='model.norm' is a RMSNorm, not a layer stack"
+    ):
         check_remat(model, RematConfig(scan_layers="model.norm"))
 
 
@@ -119,14 +127,18 @@ def test_offload_off_tpu_warns_and_keeps_numbers_or_refuses_when_strict(caplog):
         assert_same(loss_and_grads(backend, mesh, OFFLOAD), base, 1e-6)
     assert "host offload runs on TPU only; on cpu (CPU)" in caplog.text
     strict = RematConfig(**{**vars(OFFLOAD), "offload_strict": True})
-    with pytest.raises(ConfigError, match=r"offload_tensors=\['decoder_input', 'k_proj'\].*TPU only"):
+    with pytest.raises(
+        ConfigError, match=r"offload_tensors=\['decoder_input', 'k_proj'\].*TPU only"
+    ):
         loss_and_grads(backend, mesh, strict)
 
 
 def test_offload_names_are_checked():
     model = build_model(LlamaConfig(), torch.float32)
     with pytest.raises(ConfigError, match=r"no activation 'decoder_inputs'.*decoder_input"):
-        check_remat(model, RematConfig(scan_layers="model.layers", offload_tensors=["decoder_inputs"]))
+        check_remat(
+            model, RematConfig(scan_layers="model.layers", offload_tensors=["decoder_inputs"])
+        )
     with pytest.raises(ConfigError, match="offload_tensors needs model.remat.scan_layers"):
         check_remat(model, RematConfig(offload_tensors=["decoder_input"]))
 
@@ -209,14 +221,18 @@ def test_xla_offload_puts_the_marked_activations_on_the_host(monkeypatch):
     same_device = torch.ops.aten.clone.default
     with monkeypatch.context() as m:
         m.setattr(
-            XlaBackend, "offload_partition", lambda self, n: offload_partition(n, same_device, same_device)
+            XlaBackend,
+            "offload_partition",
+            lambda self, n: offload_partition(n, same_device, same_device),
         )
         assert_same(loss_and_grads(backend, mesh, OFFLOAD), base, 1e-5)
 
     cfg = LlamaConfig(num_hidden_layers=2, sharding=ShardingConfig(parameters=FSDP))
     model = build_model(cfg, torch.float32)
     specs = plan_parameter_specs(model, cfg.sharding, mesh)
-    materialize(model, specs, mesh, backend, model.init_module_weights, torch.Generator().manual_seed(0))
+    materialize(
+        model, specs, mesh, backend, model.init_module_weights, torch.Generator().manual_seed(0)
+    )
     apply_rewriting(model, OFFLOAD, backend)
     ids = torch.zeros(4, 16, dtype=torch.long).to(backend.device)
     loss = model(ids, labels=ids).loss
@@ -228,5 +244,7 @@ def test_xla_offload_puts_the_marked_activations_on_the_host(monkeypatch):
     # drop the graph: a CPU runtime cannot compile it, and the next sync would try
     del model, loss, text
     gc.collect()
-    apply_rewriting(build_model(LlamaConfig(num_hidden_layers=1), torch.float32), RematConfig(), backend)
+    apply_rewriting(
+        build_model(LlamaConfig(num_hidden_layers=1), torch.float32), RematConfig(), backend
+    )
     backend.sync()

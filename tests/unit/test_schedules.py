@@ -10,8 +10,10 @@ from torchprime.errors import ConfigError
 
 
 def curve(name, warmup=10, max_steps=110, min_ratio=0.1):
-    return [lr_multiplier(torch.tensor(s), name, warmup, max_steps, min_ratio).item()
-            for s in range(max_steps + 1)]
+    return [
+        lr_multiplier(torch.tensor(s), name, warmup, max_steps, min_ratio).item()
+        for s in range(max_steps + 1)
+    ]
 
 
 def test_warmup_is_linear_from_the_first_step():
@@ -33,8 +35,10 @@ def test_linear_decays_to_the_floor_at_max_steps():
 
 
 def test_wsd_holds_the_peak_then_decays_linearly_over_decay_steps():
-    c = [lr_multiplier(torch.tensor(s), "wsd", 10, 110, 0.1, decay_steps=20).item()
-         for s in range(111)]
+    c = [
+        lr_multiplier(torch.tensor(s), "wsd", 10, 110, 0.1, decay_steps=20).item()
+        for s in range(111)
+    ]
     assert c[4] == pytest.approx(0.5)  # the same warmup as the others
     assert c[10] == c[50] == c[90] == 1.0  # stable until max_steps - decay_steps
     assert c[100] == pytest.approx(0.55)  # half way down the decay
@@ -42,8 +46,10 @@ def test_wsd_holds_the_peak_then_decays_linearly_over_decay_steps():
 
 
 def test_wsd_decay_fraction_is_a_share_of_max_steps():
-    by_fraction = [lr_multiplier(torch.tensor(s), "wsd", 0, 200, 0.0, decay_fraction=0.25).item()
-                   for s in (149, 150, 175, 200)]
+    by_fraction = [
+        lr_multiplier(torch.tensor(s), "wsd", 0, 200, 0.0, decay_fraction=0.25).item()
+        for s in (149, 150, 175, 200)
+    ]
     assert by_fraction == pytest.approx([1.0, 1.0, 0.5, 0.0])
     # neither given: the last 10%
     default = [lr_multiplier(torch.tensor(s), "wsd", 0, 200, 0.0).item() for s in (180, 190)]

@@ -53,7 +53,9 @@ def test_a_dimension_the_axes_do_not_divide_is_an_error():
     model, cfg = tiny(**{"model.norm.weight": [["fsdp", "tensor"]]})
     plan_parameter_specs(model, cfg.sharding, mesh)  # 128 / 8: fine
     mesh = resolve_mesh(MeshAxesConfig(fsdp=-1), MeshAxesConfig(), 3)
-    with pytest.raises(ConfigError, match=r"dimension 0 has size 128, which \[fsdp, tensor\] \(mesh size 3\)"):
+    with pytest.raises(
+        ConfigError, match=r"dimension 0 has size 128, which \[fsdp, tensor\] \(mesh size 3\)"
+    ):
         plan_parameter_specs(model, cfg.sharding, mesh)
 
 
@@ -63,10 +65,12 @@ def test_the_runtime_holds_the_shardings_the_config_asked_for():
     from torchprime.materialize import materialize
 
     backend = select_backend("xla", cpu_devices=4)
-    model, cfg = tiny(**{
-        "model.embed_tokens.weight": ["fsdp", None],
-        "model.layers.*.mlp.down_proj.weight": [None, "fsdp"],
-    })
+    model, cfg = tiny(
+        **{
+            "model.embed_tokens.weight": ["fsdp", None],
+            "model.layers.*.mlp.down_proj.weight": [None, "fsdp"],
+        }
+    )
     specs = plan_parameter_specs(model, cfg.sharding, MESH4)
     generator = torch.Generator().manual_seed(0)
     materialize(model, specs, MESH4, backend, model.init_module_weights, generator)
@@ -82,7 +86,9 @@ def test_the_runtime_holds_the_shardings_the_config_asked_for():
     reference.init_weights(torch.Generator().manual_seed(0))
     for name, param in reference.named_parameters():
         torch.testing.assert_close(params[name].cpu(), param, rtol=0, atol=0, msg=name)
-    torch.testing.assert_close(model.model.rotary_emb.inv_freq.cpu(), reference.model.rotary_emb.inv_freq)
+    torch.testing.assert_close(
+        model.model.rotary_emb.inv_freq.cpu(), reference.model.rotary_emb.inv_freq
+    )
 
     # A training step keeps the parameters, and the optimizer state, sharded as asked.
     from trainers.base_trainer import build_optimizer
@@ -113,8 +119,11 @@ def test_activation_patterns_must_match_a_module():
 
     model, cfg = tiny()
     cfg.sharding.activations = {"model.layer.*": [["data", "fsdp"], None, None]}
-    with pytest.raises(ConfigError, match=r"activations\['model.layer.\*'\] matches no module. "
-                                          r"Closest names: .*model.layers"):
+    with pytest.raises(
+        ConfigError,
+        match=r"activations\['model.layer.\*'\] matches no module. "
+        r"Closest names: .*model.layers",
+    ):
         plan_activation_specs(model, cfg.sharding)
     cfg.sharding.activations = {"model.layers.*[0]": [["data", "fsdp"], None, None]}
     plans = plan_activation_specs(model, cfg.sharding)
@@ -129,8 +138,10 @@ def test_activations_and_inputs_carry_the_asked_shardings_on_xla():
 
     backend = select_backend("xla", cpu_devices=4)
     model, cfg = tiny()
-    cfg.sharding.activations = {"model.layers.*": [["data", "fsdp"], None, None],
-                                "model.norm": [None, "fsdp", None]}
+    cfg.sharding.activations = {
+        "model.layers.*": [["data", "fsdp"], None, None],
+        "model.norm": [None, "fsdp", None],
+    }
     specs = plan_parameter_specs(model, cfg.sharding, MESH4)
     materialize(model, specs, MESH4, backend, model.init_module_weights, torch.Generator())
     shard_activations(model, plan_activation_specs(model, cfg.sharding), MESH4, backend)
@@ -147,8 +158,14 @@ def test_activations_and_inputs_carry_the_asked_shardings_on_xla():
 
     bad, bad_cfg = tiny()
     bad_cfg.sharding.activations = {"model.norm": [None, "fsdp", None]}
-    materialize(bad, plan_parameter_specs(bad, bad_cfg.sharding, MESH4), MESH4, backend,
-                bad.init_module_weights, torch.Generator())
+    materialize(
+        bad,
+        plan_parameter_specs(bad, bad_cfg.sharding, MESH4),
+        MESH4,
+        backend,
+        bad.init_module_weights,
+        torch.Generator(),
+    )
     shard_activations(bad, plan_activation_specs(bad, bad_cfg.sharding), MESH4, backend)
     with pytest.raises(ConfigError, match=r"the output of model.norm has size 6 in dimension 1"):
         bad(torch.randint(0, 264, (4, 6)).to(backend.device))

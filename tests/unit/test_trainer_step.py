@@ -40,7 +40,13 @@ def trainer(tmp_path: Path, batches=(), model=None, callbacks=(), **cfg) -> LMTr
     config = TrainerConfig(**cfg)
     model = model or tiny_model()
     return make_trainer(
-        config, model, BACKEND, MESH, batches, tmp_path, tokens_per_step=8 * SEQ,
+        config,
+        model,
+        BACKEND,
+        MESH,
+        batches,
+        tmp_path,
+        tokens_per_step=8 * SEQ,
         flops_per_token=model_flops_per_token(model, SEQ),
         peak_flops=peak_flops(BACKEND.device_kind, config.peak_flops_per_device),
         callbacks=callbacks,
@@ -54,7 +60,7 @@ def rows(n, seed=0):
     ids = torch.randint(0, 259, (n, SEQ), generator=g)
     labels = ids.clone()
     for i in range(n):
-        labels[i, SEQ - 2 * i % SEQ:] = -100
+        labels[i, SEQ - 2 * i % SEQ :] = -100
     return {"input_ids": ids, "labels": labels}
 
 
@@ -63,7 +69,7 @@ def test_four_micro_batches_of_2_make_the_step_of_one_batch_of_8(tmp_path):
     one = trainer(tmp_path / "a")
     acc = trainer(tmp_path / "b", grad_accum_steps=4)
     big = one.train_step([batch])
-    micro = [{k: v[i:i + 2] for k, v in batch.items()} for i in range(0, 8, 2)]
+    micro = [{k: v[i : i + 2] for k, v in batch.items()} for i in range(0, 8, 2)]
     accumulated = acc.train_step(micro)
     assert accumulated["loss"].item() == pytest.approx(big["loss"].item(), abs=1e-6)
     assert accumulated["grad_norm"].item() == pytest.approx(big["grad_norm"].item(), rel=1e-5)
@@ -107,14 +113,22 @@ class NaNFrom(Callback):
 
     def step_done(self, step):
         if step == self.bad_from - 1:
-            self.snapshot = {n: p.detach().clone() for n, p in self.trainer.model.named_parameters()}
+            self.snapshot = {
+                n: p.detach().clone() for n, p in self.trainer.model.named_parameters()
+            }
 
 
 def test_non_finite_steps_change_nothing_and_too_many_stop_the_run(tmp_path):
     nan = NaNFrom(3)
-    t = trainer(tmp_path, batches=iter(lambda: rows(8), None), callbacks=[nan], max_steps=10,
-                logging_steps=1, max_consecutive_skips=3,
-                checkpoint=CheckpointConfig(save_at_end=False))
+    t = trainer(
+        tmp_path,
+        batches=iter(lambda: rows(8), None),
+        callbacks=[nan],
+        max_steps=10,
+        logging_steps=1,
+        max_consecutive_skips=3,
+        checkpoint=CheckpointConfig(save_at_end=False),
+    )
     nan.trainer = t
     with pytest.raises(TrainingError, match=r"3 steps in a row up to step 5 had non-finite"):
         t.train()
@@ -161,8 +175,14 @@ def test_model_flops_per_token_is_6n_plus_attention():
 
 
 def test_mfu_is_logged_on_cpu_when_the_peak_is_given(tmp_path):
-    t = trainer(tmp_path, batches=iter(lambda: rows(8), None), max_steps=2, logging_steps=1,
-                peak_flops_per_device=1e12, checkpoint=CheckpointConfig(save_at_end=False))
+    t = trainer(
+        tmp_path,
+        batches=iter(lambda: rows(8), None),
+        max_steps=2,
+        logging_steps=1,
+        peak_flops_per_device=1e12,
+        checkpoint=CheckpointConfig(save_at_end=False),
+    )
     t.train()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     for r in records:
@@ -172,8 +192,12 @@ def test_mfu_is_logged_on_cpu_when_the_peak_is_given(tmp_path):
 
 
 def test_no_mfu_on_cpu_without_a_peak(tmp_path):
-    t = trainer(tmp_path, batches=iter(lambda: rows(8), None), max_steps=1,
-                checkpoint=CheckpointConfig(save_at_end=False))
+    t = trainer(
+        tmp_path,
+        batches=iter(lambda: rows(8), None),
+        max_steps=1,
+        checkpoint=CheckpointConfig(save_at_end=False),
+    )
     t.train()
     assert "mfu" not in json.loads((tmp_path / "metrics.jsonl").read_text())
 

@@ -14,13 +14,11 @@ import os
 import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import Optional
 
 from torchprime.backend.base import Backend
 from torchprime.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
 
 
 class BackendName(StrEnum):
@@ -30,6 +28,7 @@ class BackendName(StrEnum):
     xla = "xla"
     cpu = "cpu"
     cuda = "cuda"
+
 
 _GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips show up as PCI devices of this vendor
 
@@ -77,9 +76,7 @@ def resolve_backend_name(requested: str) -> str:
     return requested
 
 
-def select_backend(
-    requested: str, cpu_devices: int, hlo_dump_dir: Optional[Path] = None
-) -> Backend:
+def select_backend(requested: str, cpu_devices: int, hlo_dump_dir: Path | None = None) -> Backend:
     """Create the backend. `cpu_devices` is how many virtual devices XLA gets when it runs on
     the CPU (ignored on TPU, where the chips are counted, and on eager backends).
     `hlo_dump_dir`: XLA dumps every module it compiles there, as text, before and after
@@ -103,4 +100,3 @@ def select_backend(
     from torchprime.backend.xla import XlaBackend
 
     return XlaBackend()
-

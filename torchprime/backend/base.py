@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -131,7 +131,7 @@ class Backend(abc.ABC):
         self._profiler.export_chrome_trace(str(directory / "trace.json"))
         self._profiler = None
 
-    def metrics_report(self) -> Optional[str]:
+    def metrics_report(self) -> str | None:
         """The runtime's counters and timings as text (XLA's metrics report); None elsewhere."""
         return None
 

@@ -20,8 +20,10 @@ class EagerBackend(Backend):
         if name not in ("cpu", "cuda"):
             raise ValueError(f"eager backends are cpu and cuda, not {name!r}")
         self.name = name
-        self._device = torch.device("cuda", torch.cuda.current_device()) if name == "cuda" else (
-            torch.device("cpu")
+        self._device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if name == "cuda"
+            else (torch.device("cpu"))
         )
 
     @property

@@ -6,10 +6,9 @@ virtual CPU devices, CPU_NUM_DEVICES first: torch_xla reads both once, when it i
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -176,7 +175,7 @@ class XlaBackend(Backend):
 
         xp.stop_trace()
 
-    def metrics_report(self) -> Optional[str]:
+    def metrics_report(self) -> str | None:
         return met.metrics_report()
 
     @property
@@ -236,4 +235,3 @@ class XlaBackend(Backend):
 
     def optimization_barrier_(self, tensors: list[torch.Tensor]) -> None:
         xm.optimization_barrier_(tensors)
-
