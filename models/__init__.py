@@ -13,10 +13,11 @@ MODELS: dict[str, type[nn.Module]] = {"llama": LlamaForCausalLM}
 
 
 def build_model(cfg: LlamaConfig, dtype: torch.dtype) -> nn.Module:
-    """The model on the meta device: shapes and names only, no memory.
+    """The model on the meta device: shapes and names only, no memory, parameters in `dtype`.
 
-    The caller places it (`to_empty`), shards it, then calls `init_weights`, so that large
-    models are never materialized whole on one device.
+    torchprime.materialize turns it into device tensors module by module, each initialized on
+    the host and sent already sharded, so a large model is never whole on one device; small
+    models (tests, tools) may simply `to_empty(device=...)` and `init_weights(generator)`.
     """
     if cfg.name not in MODELS:
         raise ConfigError(f"model.name={cfg.name!r}: known models are {', '.join(MODELS)}.")
