@@ -140,7 +140,7 @@ class BaseTrainer:
             if self.cfg.max_grad_norm is not None:
                 clip_norm = self.backend.total_norm(grads)
         if self.cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grads_with_norm_(params, self.cfg.max_grad_norm, clip_norm)
+            self.backend.clip_grads_with_norm_(params, self.cfg.max_grad_norm, clip_norm)
         return norm, torch.logical_not(torch.isfinite(norm))
 
     def accumulate(self, micro_batches: Sequence[dict[str, torch.Tensor]]):

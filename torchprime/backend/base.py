@@ -136,6 +136,12 @@ class Backend(abc.ABC):
         """The 2-norm of all `tensors` together, as one tensor (sharded ones counted once)."""
         return torch.nn.utils.get_total_norm(tensors)
 
+    def clip_grads_with_norm_(
+        self, params: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor
+    ) -> None:
+        """Scale the gradients of `params` by max_norm / total_norm where that is below 1."""
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total_norm)
+
     def host_copy(self, tensor: torch.Tensor) -> torch.Tensor:
         """The whole of `tensor` in host memory. Where tensors are split over processes every
         process must call it (it gathers)."""

@@ -210,6 +210,17 @@ class DistributedBackend(Backend):
                 split *= size
         return self.world_size // split
 
+    def clip_grads_with_norm_(
+        self, params: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor
+    ) -> None:
+        # torch's clipping scales every gradient in one call, which DTensors on different
+        # meshes (tensor-parallel and FSDP-only modules) cannot share: one call per mesh.
+        by_mesh: dict[int, list[torch.Tensor]] = {}
+        for p in params:
+            by_mesh.setdefault(id(getattr(p, "device_mesh", None)), []).append(p)
+        for same in by_mesh.values():
+            torch.nn.utils.clip_grads_with_norm_(same, max_norm, total_norm)
+
     def host_copy(self, tensor: torch.Tensor) -> torch.Tensor:
         if isinstance(tensor, DTensor):
             tensor = tensor.full_tensor()
