@@ -94,7 +94,7 @@ def cpu_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("cpu")
     # -X importtime lists every module the process imports, on stderr.
     proc = run_train(
-        "backend=cpu", *SHORT_RUN, f"output_dir={out}", python_flags=("-X", "importtime")
+        "backend=cpu", "ici_mesh.fsdp=1", *SHORT_RUN, f"output_dir={out}", python_flags=("-X", "importtime")
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc
