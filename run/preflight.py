@@ -26,8 +26,8 @@ from optimizers.groups import param_groups
 from torchprime.attention import check_attention_kernel
 from torchprime.backend.base import Backend
 from torchprime.chips import CHIPS, Chip, chip_of
-from torchprime.errors import ConfigError, Problems
 from torchprime.dtensor_layout import check_dtensor_specs
+from torchprime.errors import ConfigError, Problems
 from torchprime.mesh import Mesh, data_parallel_index, resolve_mesh
 from torchprime.plan import (
     FitVerdict,

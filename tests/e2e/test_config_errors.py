@@ -14,14 +14,18 @@ def cause_line(stderr: str, needle: str) -> str:
 
 
 def test_a_typo_in_a_key_names_the_key(tmp_path):
-    proc = run_train("backend=cpu", "ici_mesh.fsdp=1", "trainer.max_stepz=3", f"output_dir={tmp_path}")
+    proc = run_train(
+        "backend=cpu", "ici_mesh.fsdp=1", "trainer.max_stepz=3", f"output_dir={tmp_path}"
+    )
     assert proc.returncode != 0
     cause_line(proc.stderr, "max_stepz")
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
 def test_a_wrong_type_names_the_key_and_value(tmp_path):
-    proc = run_train("backend=cpu", "ici_mesh.fsdp=1", "trainer.max_steps=many", f"output_dir={tmp_path}")
+    proc = run_train(
+        "backend=cpu", "ici_mesh.fsdp=1", "trainer.max_steps=many", f"output_dir={tmp_path}"
+    )
     assert proc.returncode != 0
     assert "many" in cause_line(proc.stderr, "max_steps")
 
@@ -33,7 +37,9 @@ def test_an_unknown_group_option_names_the_option(tmp_path):
 
 
 def test_a_cross_key_problem_is_one_error_line(tmp_path):
-    proc = run_train("backend=cpu", "ici_mesh.fsdp=1", "data.block_size=4096", f"output_dir={tmp_path}")
+    proc = run_train(
+        "backend=cpu", "ici_mesh.fsdp=1", "data.block_size=4096", f"output_dir={tmp_path}"
+    )
     assert proc.returncode == 2
     line = cause_line(proc.stderr, "data.block_size=4096")
     assert line.startswith("error: ") and "max_position_embeddings=2048" in line

@@ -105,7 +105,9 @@ class Backend(abc.ABC):
 
     # -- the model's layout and its gradients; the defaults suit one program over all devices
     #    (XLA SPMD) and one device (eager) -----------------------------------------------------
-    def parallelize(self, model: torch.nn.Module, specs: dict[str, PartitionSpec], mesh: Mesh) -> None:
+    def parallelize(
+        self, model: torch.nn.Module, specs: dict[str, PartitionSpec], mesh: Mesh
+    ) -> None:
         """Lay out the meta model's modules by `specs` before its weights exist (the
         torch.distributed engine: tensor parallelism, then FSDP2 per decoder layer and at the
         root). Nothing by default: XLA shards each tensor as it is placed."""

@@ -110,7 +110,9 @@ class DistributedBackend(Backend):
 
     def describe(self) -> str:
         kind = "NCCL" if self.name == "cuda" else "gloo"
-        return f"torch.distributed {kind}, rank {self.rank} of {self.world_size} x {self.device_kind}"
+        return (
+            f"torch.distributed {kind}, rank {self.rank} of {self.world_size} x {self.device_kind}"
+        )
 
     # -- the mesh ---------------------------------------------------------------------------
     def device_mesh(self, mesh: Mesh) -> DeviceMesh:
@@ -147,7 +149,9 @@ class DistributedBackend(Backend):
             fully_shard(layer, mesh=data_mesh, shard_placement_fn=placement)
         # The root: the embedding, the final norm and the LM head. Its weights stay gathered
         # after the forward pass: the backward needs the head at once.
-        fully_shard(model, mesh=data_mesh, shard_placement_fn=placement, reshard_after_forward=False)
+        fully_shard(
+            model, mesh=data_mesh, shard_placement_fn=placement, reshard_after_forward=False
+        )
         for module in model.modules():
             if isinstance(module, FSDPModule):
                 # Gradients are summed over processes, each weighted by its share of the
@@ -168,7 +172,11 @@ class DistributedBackend(Backend):
             local = distribute_local(host.to(self._device), param)
             return nn.Parameter(
                 DTensor.from_local(
-                    local, param.device_mesh, param.placements, shape=param.shape, stride=param.stride()
+                    local,
+                    param.device_mesh,
+                    param.placements,
+                    shape=param.shape,
+                    stride=param.stride(),
                 ),
                 requires_grad=host.requires_grad,
             )
@@ -264,12 +272,16 @@ class DistributedBackend(Backend):
 
 def distribute_local(host: torch.Tensor, like: DTensor) -> torch.Tensor:
     """This process's shard of the whole tensor `host`, laid out as `like`."""
-    shape, offset = compute_local_shape_and_global_offset(like.shape, like.device_mesh, like.placements)
+    shape, offset = compute_local_shape_and_global_offset(
+        like.shape, like.device_mesh, like.placements
+    )
     index = tuple(slice(o, o + n) for o, n in zip(offset, shape))
     return host[index]
 
 
-def tensor_parallel_plan(model: nn.Module, found: dict[str, ParamLayout]) -> dict[str, ParallelStyle]:
+def tensor_parallel_plan(
+    model: nn.Module, found: dict[str, ParamLayout]
+) -> dict[str, ParallelStyle]:
     """The parallel style of each module whose weight is split over `tensor`.
 
     A column-parallel Linear keeps its output split when a row-parallel sibling (same parent
@@ -301,7 +313,9 @@ def tensor_parallel_plan(model: nn.Module, found: dict[str, ParamLayout]) -> dic
             )
         elif dim == 0:
             paired = sibling_split(name, 1)
-            plan[name] = ColwiseParallel() if paired else ColwiseParallel(output_layouts=Replicate())
+            plan[name] = (
+                ColwiseParallel() if paired else ColwiseParallel(output_layouts=Replicate())
+            )
         else:
             paired = sibling_split(name, 0)
             plan[name] = RowwiseParallel() if paired else RowwiseParallel(input_layouts=Replicate())
