@@ -267,7 +267,7 @@ def _resolve_mesh(cfg: TrainConfig, devices: Devices) -> Mesh:
         if devices.engine == "xla":
             raise
         asked = resolve_mesh(cfg.ici_mesh, cfg.dcn_mesh, None).num_devices
-        backend = f"backend={cfg.backend}"
+        backend = "backend=" + ("cpu" if devices.kind == "CPU" else "cuda")
         if devices.engine == "eager":
             raise ConfigError(
                 f"{e} Without torchrun, {backend} runs one process on one device: start one "
