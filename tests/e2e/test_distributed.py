@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+from safetensors import safe_open
 
 from conftest import ROOT, read_jsonl, requires_xla, run_train
 
@@ -131,14 +132,18 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step_saved(
 
 
 def test_a_four_process_checkpoint_resumes_on_two_processes(four_fsdp, two_fsdp_sigterm):
-    """The SIGTERM run goes on from the 4-process run's step 3, on its own 2 processes."""
+    """The SIGTERM run goes on from the 4-process run's step 3, on its 2 processes as data
+    replicas (hybrid sharding) with every layer rematerialized, and exports an HF folder."""
     out, _ = two_fsdp_sigterm
     step3 = four_fsdp[0] / "checkpoints" / "step_00000003"
     ok(
         torchrun(
             2,
             "backend=cpu",
-            "ici_mesh.fsdp=2",
+            "ici_mesh.data=2",
+            "ici_mesh.fsdp=1",
+            "model/remat=layer",
+            "trainer.export_hf=true",
             *STEPS,
             f"trainer.resume={step3}",
             f"output_dir={out}",
@@ -146,6 +151,9 @@ def test_a_four_process_checkpoint_resumes_on_two_processes(four_fsdp, two_fsdp_
     )
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3, 4, 5]
     assert losses(out)[3:] == pytest.approx(losses(four_fsdp[0])[3:], abs=TOLERANCE)
+    with safe_open(out / "hf" / "model.safetensors", "pt") as f:  # whole tensors, gathered
+        assert list(f.get_slice("model.layers.0.mlp.down_proj.weight").get_shape()) == [128, 384]
+        assert len(list(f.keys())) == 3 + 9 * 4  # embedding, norm, head; 9 a layer
 
 
 @requires_xla

@@ -154,6 +154,11 @@ class DistributedBackend(Backend):
         )
         for module in model.modules():
             if isinstance(module, FSDPModule):
+                # fully_shard gives the module a subclass named FSDP<class>; the model keeps
+                # its class names, by which the rewriting finds layers (model.remat).
+                cls = type(module)
+                base = next(b for b in cls.__bases__ if b is not FSDPModule)
+                cls.__name__, cls.__qualname__ = base.__name__, base.__qualname__
                 # Gradients are summed over processes, each weighted by its share of the
                 # batch's tokens (the trainer divides by the global count).
                 module.set_gradient_divide_factor(1.0)
