@@ -14,9 +14,15 @@ import subprocess
 import sys
 
 import pytest
+import torch
+import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 
-from conftest import ROOT, read_jsonl, requires_xla, run_train
+from conftest import ROOT, composed, read_jsonl, requires_xla, run_train
+from models import build_model
+from torchprime.mesh import resolve_mesh
+from torchprime.plan import make_plan
+from torchprime.sharding import plan_parameter_specs
 
 STEPS = ("trainer.max_steps=5", "trainer.logging_steps=1", "trainer.progress_bar=false")
 TOLERANCE = 1e-5
@@ -120,6 +126,28 @@ def test_fsdp_with_tensor_parallelism_and_accumulation_gives_the_losses_of_one(
         )
     )
     assert losses(out) == pytest.approx(one_process, abs=TOLERANCE)
+    # Each rank saved its own shards: their shapes are the plan's (plan_only) per-device shapes.
+    plan = plan_of("model/sharding=fsdp_tp", "ici_mesh.fsdp=2", "ici_mesh.tensor=2")
+    saved = saved_shard_shapes(out / "checkpoints" / "step_00000005")
+    assert {p.name: {p.shard_shape} for p in plan.parameters} == saved
+
+
+def plan_of(*overrides: str):
+    cfg = composed(*overrides)
+    with torch.device("meta"):
+        model = build_model(cfg.model, torch.float32)
+    mesh = resolve_mesh(cfg.ici_mesh, cfg.dcn_mesh, None)
+    return make_plan(model, plan_parameter_specs(model, cfg.model.sharding, mesh), mesh)
+
+
+def saved_shard_shapes(checkpoint) -> dict[str, set[tuple[int, ...]]]:
+    """The shapes of the pieces each model tensor was saved in, from the DCP metadata."""
+    metadata = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    return {
+        key.removeprefix("model."): {tuple(chunk.sizes) for chunk in item.chunks}
+        for key, item in metadata.items()
+        if key.startswith("model.")
+    }
 
 
 def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step_saved(
