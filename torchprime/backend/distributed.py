@@ -16,8 +16,7 @@ losses, token counts and gradients over processes (`local_batch`).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -33,18 +32,10 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from torchprime.backend.base import Backend
+from torchprime.backend.eager import EagerBackend
 from torchprime.dtensor_layout import ParamLayout, data_parallel_sharded, layouts
 from torchprime.errors import ConfigError
 from torchprime.mesh import AXES, Mesh, PartitionSpec, data_parallel_index, device_grid
-
-#: What torchrun puts in every process's environment.
-RENDEZVOUS_VARIABLES = ("RANK", "WORLD_SIZE")
-
-
-def under_torchrun() -> bool:
-    """Whether this process is one of several started by torchrun (or a launcher like it)."""
-    return all(v in os.environ for v in RENDEZVOUS_VARIABLES)
 
 
 def start_process_group(name: str, device: torch.device) -> None:
@@ -63,37 +54,23 @@ def start_process_group(name: str, device: torch.device) -> None:
         ) from None
 
 
-class DistributedBackend(Backend):
-    """One device per process; the mesh spans every process of the job."""
+class DistributedBackend(EagerBackend):
+    """One device per process, eager as on one device; the mesh spans every process."""
 
-    is_xla = False
     local_batch = True
 
     def __init__(self, name: str):
         if name not in ("cpu", "cuda"):
             raise ValueError(f"the torch.distributed engine runs on cpu or cuda, not {name!r}")
-        self.name = name
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if name == "cuda":
-            torch.cuda.set_device(local_rank)
-            self._device = torch.device("cuda", local_rank)
-        else:
-            self._device = torch.device("cpu")
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        super().__init__(name)
         if not dist.is_initialized():
-            start_process_group(name, self._device)
+            start_process_group(name, self.device)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
         self._meshes: dict[Mesh, DeviceMesh] = {}
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    @property
-    def device_kind(self) -> str:
-        if self.name == "cuda":
-            return torch.cuda.get_device_name(self._device)
-        return "CPU"
+        self._mesh: Mesh | None = None  # the model's, once laid out
 
     @property
     def device_count(self) -> int:
@@ -120,7 +97,7 @@ class DistributedBackend(Backend):
         lays them out."""
         if mesh not in self._meshes:
             grid = torch.tensor(device_grid(mesh)).reshape(tuple(mesh.shape.values()))
-            self._meshes[mesh] = DeviceMesh(self._device.type, grid, mesh_dim_names=AXES)
+            self._meshes[mesh] = DeviceMesh(self.device.type, grid, mesh_dim_names=AXES)
         return self._meshes[mesh]
 
     def _data_mesh(self, mesh: Mesh) -> DeviceMesh:
@@ -164,7 +141,7 @@ class DistributedBackend(Backend):
                 module.set_gradient_divide_factor(1.0)
                 # Plain sums on the wire (gloo has no pre-multiplied sum).
                 module.set_force_sum_reduction_for_comms(True)
-        model.to_empty(device=self._device)
+        model.to_empty(device=self.device)
         if hasattr(model, "tie_weights"):
             model.tie_weights()
 
@@ -172,9 +149,9 @@ class DistributedBackend(Backend):
         self, param: nn.Parameter, host: torch.Tensor, mesh: Mesh, spec: PartitionSpec
     ) -> nn.Parameter:
         if not isinstance(param, DTensor):
-            return nn.Parameter(host.detach().to(self._device), requires_grad=host.requires_grad)
+            return nn.Parameter(host.detach().to(self.device), requires_grad=host.requires_grad)
         if param.device.type == "meta":  # tensor-parallel only: nothing allocated it yet
-            local = distribute_local(host.to(self._device), param)
+            local = distribute_local(host.to(self.device), param)
             return nn.Parameter(
                 DTensor.from_local(
                     local,
@@ -195,7 +172,7 @@ class DistributedBackend(Backend):
 
     # -- values across processes --------------------------------------------------------------
     def sum_over_data(self, tensor: torch.Tensor) -> torch.Tensor:
-        mesh = getattr(self, "_mesh", None)
+        mesh = self._mesh
         if mesh is None or not data_parallel_sharded(mesh):
             return tensor
         device_mesh = self.device_mesh(mesh)["data", "fsdp"]
@@ -205,7 +182,7 @@ class DistributedBackend(Backend):
     def total_norm(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         """Each process adds the squares of its shards, a tensor replicated over n processes
         weighing 1/n, then one all-reduce over every process gives the global sum."""
-        local = torch.zeros((), dtype=torch.float32, device=self._device)
+        local = torch.zeros((), dtype=torch.float32, device=self.device)
         for t in tensors:
             part = t.to_local() if isinstance(t, DTensor) else t
             square = part.float().pow(2).sum()
@@ -239,23 +216,7 @@ class DistributedBackend(Backend):
             tensor = tensor.full_tensor()
         return tensor.detach().cpu()
 
-    # -- the rest of the interface: eager, on this process's device ----------------------------
-    def place(self, host_tensor: torch.Tensor, mesh: Mesh, spec: PartitionSpec) -> torch.Tensor:
-        return host_tensor.to(self._device)
-
-    def mark_sharding(self, tensor: torch.Tensor, mesh: Mesh, spec: PartitionSpec) -> None:
-        pass  # parameters are laid out by `parallelize`; activations follow the modules
-
-    def sync(self) -> None:
-        pass  # eager ops already ran
-
-    def wait_device_ops(self) -> None:
-        if self.name == "cuda":
-            torch.cuda.synchronize(self._device)
-
-    def add_step_closure(self, fn: Callable[..., None], args: Sequence[Any] = ()) -> None:
-        fn(*args)
-
+    # -- batches ------------------------------------------------------------------------
     def device_loader(
         self, batches: Iterable[dict[str, torch.Tensor]], mesh: Mesh, batch_spec: PartitionSpec
     ) -> Iterator[dict[str, torch.Tensor]]:
@@ -270,7 +231,7 @@ class DistributedBackend(Backend):
             rows = next(iter(batch.values())).shape[0] // per_host
             start = (share - first_of_host) * rows
             yield {
-                k: v[start : start + rows].to(self._device, non_blocking=non_blocking)
+                k: v[start : start + rows].to(self.device, non_blocking=non_blocking)
                 for k, v in batch.items()
             }
 
