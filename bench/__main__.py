@@ -274,7 +274,11 @@ def distributed_md(r: dict[str, Any]) -> str:
             "",
             f"Median of {r['rounds']} interleaved runs of {r['steps']} steps per side (the first "
             f"{2} steps of each left out), batch {r['batch']} tokens; the losses of both sides "
-            f"differed by at most {r['max_loss_gap']:.1e}. Reported only (no target).",
+            f"differed by at most {r['max_loss_gap']:.1e}. Reported only (no target). Load "
+            f"average at the end: {r.get('load_average', float('nan')):.1f} on "
+            f"{os.cpu_count()} cores: with other work on the machine the 1-process side's two "
+            "OpenMP threads wait on each other, the 2 single-threaded processes much less, so "
+            "compare figures from a quiet machine only.",
         ]
     )
 

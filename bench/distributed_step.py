@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
         "ratio": two / one,
         "max_loss_gap": gap,
         "batch": "8 x 256",
+        "load_average": os.getloadavg()[0],
     }
     print(
         f"1 process: {one:.3f} s/step; 2 processes (gloo, fsdp=2): {two:.3f} s/step "
