@@ -8,17 +8,15 @@ torchrun start costs seconds of imports per process on two cores)."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 
-from conftest import ROOT, composed, read_jsonl, requires_xla, run_train
+from conftest import composed, read_jsonl, requires_xla, run_train
 from models import build_model
 from torchprime.mesh import resolve_mesh
 from torchprime.plan import make_plan
@@ -30,23 +28,8 @@ TOLERANCE = 1e-5
 
 def torchrun(processes: int, *overrides: str, script: str = "train.py", env: dict | None = None):
     """`torchrun --standalone --nproc_per_node=N SCRIPT OVERRIDES...`, as a user runs it."""
-    base = {k: v for k, v in os.environ.items() if k not in ("PJRT_DEVICE", "CPU_NUM_DEVICES")}
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={processes}",
-            *script.split(),
-            *overrides,
-        ],
-        cwd=ROOT,
-        env={**base, "WANDB_MODE": "offline", **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    launcher = f"-m torch.distributed.run --standalone --nproc_per_node={processes}"
+    return run_train(*overrides, script=f"{launcher} {script}", env=env, timeout=900)
 
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
