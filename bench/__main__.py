@@ -35,6 +35,7 @@ PARTS: dict[str, list[str]] = {
     # Depths 4 and 8 keep the whole run under 20 minutes; depth 16 adds about 5.
     "compile_scan": ["bench.compile_scan", "--depths", "4", "8", "--steps", "3"],
     "data_pipeline": ["bench.data_pipeline", "--seconds", "2"],
+    "distributed": ["bench.distributed_step"],
 }
 MFU_TARGETS = {"eager": 0.60, "compiled": 0.85}
 SETUP_NAMES = {
@@ -258,6 +259,30 @@ def data_pipeline_md(r: dict[str, Any]) -> str:
     )
 
 
+def distributed_md(r: dict[str, Any]) -> str:
+    rows = [
+        ["1 process (backend=cpu, ici_mesh.fsdp=1)", f"{r['one_process_s']:.3f}", "1.00×"],
+        [
+            "2 processes (torchrun, gloo, ici_mesh.fsdp=2)",
+            f"{r['two_processes_s']:.3f}",
+            f"{r['ratio']:.2f}×",
+        ],
+    ]
+    return "\n".join(
+        [
+            _table(["setup", "median s/step", "vs 1 process"], rows, "lrr"),
+            "",
+            f"Median of {r['rounds']} interleaved runs of {r['steps']} steps per side (the first "
+            f"{2} steps of each left out), batch {r['batch']} tokens; the losses of both sides "
+            f"differed by at most {r['max_loss_gap']:.1e}. Reported only (no target). Load "
+            f"average at the end: {r.get('load_average', float('nan')):.1f} on "
+            f"{os.cpu_count()} cores: with other work on the machine the 1-process side's two "
+            "OpenMP threads wait on each other, the 2 single-threaded processes much less, so "
+            "compare figures from a quiet machine only.",
+        ]
+    )
+
+
 def run_md(results: dict[str, Any], total_s: float) -> str:
     import torch
 
@@ -276,6 +301,7 @@ SECTIONS: dict[str, tuple[tuple[str, ...], Callable[..., str]]] = {
     "remat": (("remat",), remat_md),
     "compile_scan": (("compile_scan",), compile_scan_md),
     "data_pipeline": (("data_pipeline",), data_pipeline_md),
+    "distributed": (("distributed",), distributed_md),
 }
 
 

@@ -13,6 +13,7 @@ held whole in memory or on one device.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -250,7 +251,13 @@ def load_hf(
     return model
 
 
-def save_hf(model: LlamaForCausalLM, path: PathLike, dtype: torch.dtype | None = None) -> None:
+def save_hf(
+    model: LlamaForCausalLM,
+    path: PathLike,
+    dtype: torch.dtype | None = None,
+    to_host: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    write: bool = True,
+) -> None:
     """Write `model` as an HF Llama folder: `config.json` and one `model.safetensors`, which
     `transformers.LlamaForCausalLM.from_pretrained(path)` loads with no missing or unexpected
     keys. `dtype`: the saved dtype (default: the parameters' own).
@@ -258,18 +265,25 @@ def save_hf(model: LlamaForCausalLM, path: PathLike, dtype: torch.dtype | None =
     Every parameter is gathered whole to the host (`.cpu()`), one at a time, so this suits
     models that fit in host memory on a single host. On XLA, the caller first finishes the
     pending step (`backend.sync()`) and waits for it (`backend.wait_device_ops()`), so the
-    saved values are those of the last step, not of a half-run graph.
+    saved values are those of the last step, not of a half-run graph. `to_host` gathers one
+    parameter to the host (`Backend.host_copy`: where parameters are split over processes every
+    process calls this, and only the one with `write` writes the folder).
     """
     cfg = model.config
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    to_host = to_host or (lambda t: t.detach().cpu())
     dtype = dtype or next(model.parameters()).dtype
     tensors: dict[str, torch.Tensor] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue  # HF ties it to the embedding on load; saving it would be a duplicate
         # Cast after the move: on XLA a cast on the device would build and run another graph.
-        tensors[name] = param.detach().cpu().to(dtype).contiguous()
+        whole = to_host(param)
+        if write:  # the others only took part in the gathering
+            tensors[name] = whole.to(dtype).contiguous()
+    if not write:
+        return
+    path.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
 
     scaling = cfg.rope_scaling

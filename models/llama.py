@@ -227,11 +227,13 @@ class LlamaAttention(nn.Module):
         q = offload_name(self.q_proj(x), "q_proj", self.offloaded)
         k = offload_name(self.k_proj(x), "k_proj", self.offloaded)
         v = offload_name(self.v_proj(x), "v_proj", self.offloaded)
-        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        # Heads counted from the projections, not the config: under tensor parallelism each
+        # device holds only its heads (torchprime/backend/distributed.py).
+        q = q.view(B, T, -1, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, -1, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # [B, H|K, T, D]
-        k, v = repeat_kv(k, self.num_heads), repeat_kv(v, self.num_heads)  # [B, H, T, D]
+        k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])  # [B, H, T, D]
         kernel = self.cfg.attention_kernel
         if kernel == "sdpa":
             out = sdpa_attention(q, k, v, self.cfg.is_causal, bias)
@@ -248,7 +250,7 @@ class LlamaAttention(nn.Module):
                 self.cfg.attention_block_sizes,
                 self.kernel_placement,
             )
-        out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
+        out = out.transpose(1, 2).reshape(B, T, -1)
         return self.o_proj(offload_name(out, "attention_output", self.offloaded))
 
 

@@ -201,22 +201,23 @@ class AdamW(Optimizer):
         if any(s["exp_avg"].dtype != p.dtype for s, p in zip(states, params)):
             return False
         beta1, beta2 = group["betas"]
-        adamw(
-            params,
-            [p.grad for p in params],
-            [s["exp_avg"] for s in states],
-            [s["exp_avg_sq"] for s in states],
-            [],
-            [s["step"] for s in states],
-            fused=True,
-            amsgrad=False,
-            beta1=beta1,
-            beta2=beta2,
-            lr=group["lr"],
-            weight_decay=group["weight_decay"],
-            eps=group["eps"],
-            maximize=False,
-        )
+        for same in _by_layout(params):  # one kernel runs over tensors of one layout
+            adamw(
+                same,
+                [p.grad for p in same],
+                [self.state[p]["exp_avg"] for p in same],
+                [self.state[p]["exp_avg_sq"] for p in same],
+                [],
+                [self.state[p]["step"] for p in same],
+                fused=True,
+                amsgrad=False,
+                beta1=beta1,
+                beta2=beta2,
+                lr=group["lr"],
+                weight_decay=group["weight_decay"],
+                eps=group["eps"],
+                maximize=False,
+            )
         return True
 
     def _count_skip(self, skip: torch.Tensor) -> None:
@@ -253,3 +254,12 @@ class AdamW(Optimizer):
         denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
         update = (exp_avg / bias_correction1) / denom
         return update, {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+
+
+def _by_layout(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """`params` grouped by the device mesh they are laid out on (DTensors of tensor-parallel
+    and of FSDP-only modules live on different meshes); one group for plain tensors."""
+    groups: dict[int, list[torch.Tensor]] = {}
+    for p in params:
+        groups.setdefault(id(getattr(p, "device_mesh", None)), []).append(p)
+    return list(groups.values())

@@ -3,6 +3,7 @@ and the exit status (0 done, 1 the run failed, 2 the config has problems)."""
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +16,7 @@ from torchprime.errors import ConfigError
 from train_config import TrainConfig, mesh_size
 from trainers.base_trainer import TrainingError
 from trainers.callbacks import StepCallback
+from trainers.hosts import is_coordinator
 from trainers.metrics_logger import format_summary
 from trainers.profiling import hlo_dir
 
@@ -44,6 +46,10 @@ def launch(raw: DictConfig, callbacks: Sequence[StepCallback] = ()) -> int:
             found = cfg.problems()
             found.insert(0, str(e))
             found.raise_if_any()
+        if not is_coordinator():
+            # One process per device: the coordinator speaks for the run; the others only
+            # warn (their errors still print).
+            logging.getLogger().setLevel(logging.WARNING)
         resolved = OmegaConf.to_container(raw, resolve=True, enum_to_str=True)
         summary = run_training(cfg, backend, output_dir, resolved, callbacks)
     except ConfigError as e:
@@ -52,5 +58,6 @@ def launch(raw: DictConfig, callbacks: Sequence[StepCallback] = ()) -> int:
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(format_summary(summary))
+    if is_coordinator():
+        print(format_summary(summary))
     return 0

@@ -26,8 +26,9 @@ from optimizers.groups import param_groups
 from torchprime.attention import check_attention_kernel
 from torchprime.backend.base import Backend
 from torchprime.chips import CHIPS, Chip, chip_of
+from torchprime.dtensor_layout import check_dtensor_specs
 from torchprime.errors import ConfigError, Problems
-from torchprime.mesh import Mesh, resolve_mesh
+from torchprime.mesh import Mesh, data_parallel_index, resolve_mesh
 from torchprime.plan import (
     FitVerdict,
     ShardingPlan,
@@ -59,10 +60,16 @@ class Devices:
     kind: str
     """As `backend.device_kind` names them: "TPU v5p", "CPU", a GPU's name."""
     count: int | None
-    """Devices the mesh must cover; None: an eager backend (one device, the mesh describes the
-    target and is not applied)."""
+    """Devices the mesh must cover (None: a target pod whose size is not said)."""
     hosts: int = 1
     host_index: int = 0
+    engine: str = "xla"
+    """What runs them: "xla" (one program over every device), "torch.distributed" (one
+    process per device, under torchrun) or "eager" (this one process, one device)."""
+    rank: int = 0
+    """This process's device on the mesh (torch.distributed)."""
+    local_processes: int = 1
+    """Processes on this host (torch.distributed)."""
     chip: Chip | None = None
     """The TPU chip, when known (its HBM judges the plan)."""
     target: bool = False
@@ -70,12 +77,18 @@ class Devices:
 
     @classmethod
     def of_backend(cls, backend: Backend) -> Devices:
+        engine = "xla" if backend.is_xla else "eager"
+        if backend.local_batch:
+            engine = "torch.distributed"
         return cls(
             kind=backend.device_kind,
-            count=backend.device_count if backend.is_xla else None,
+            count=backend.device_count,
             hosts=backend.process_count,
             host_index=backend.process_index,
             chip=chip_of(backend.device_kind),
+            engine=engine,
+            rank=getattr(backend, "rank", 0),
+            local_processes=getattr(backend, "local_processes", 1),
         )
 
     @classmethod
@@ -231,10 +244,12 @@ def _check_mesh_and_batch(pre: Preflight) -> None:
             "ici_mesh has a -1 axis, which fills the pod's devices: set target.num_devices so "
             "the mesh can be checked."
         )
-    mesh = pre.problems.attempt(resolve_mesh, cfg.ici_mesh, cfg.dcn_mesh, pre.devices.count)
+    mesh = pre.problems.attempt(_resolve_mesh, cfg, pre.devices)
     # A mesh that does not cover the devices still has valid sizes: the checks that depend on
     # them (batch split, sharding) go on with the mesh as configured.
     pre.mesh = mesh or resolve_mesh(cfg.ici_mesh, cfg.dcn_mesh, None)
+    if mesh is not None and pre.devices.engine == "torch.distributed":
+        pre.problems.attempt(check_hosts_hold_data_blocks, mesh, pre.devices)
     t = cfg.trainer
     if t.global_batch_size < 1 or t.grad_accum_steps < 1:
         pre.skip("the batch split over the mesh", "a valid trainer.global_batch_size")
@@ -242,6 +257,47 @@ def _check_mesh_and_batch(pre: Preflight) -> None:
     pre.micro_batch = pre.problems.attempt(
         micro_batch_rows, t.global_batch_size, t.grad_accum_steps, pre.mesh, pre.devices.hosts
     )
+
+
+def _resolve_mesh(cfg: TrainConfig, devices: Devices) -> Mesh:
+    """The mesh over `devices`; off XLA, the error says how processes map to devices."""
+    try:
+        return resolve_mesh(cfg.ici_mesh, cfg.dcn_mesh, devices.count)
+    except ConfigError as e:
+        if devices.engine == "xla":
+            raise
+        asked = resolve_mesh(cfg.ici_mesh, cfg.dcn_mesh, None).num_devices
+        backend = "backend=" + ("cpu" if devices.kind == "CPU" else "cuda")
+        if devices.engine == "eager":
+            raise ConfigError(
+                f"{e} Without torchrun, {backend} runs one process on one device: start one "
+                f"process per mesh device with `torchrun --nproc_per_node={asked} train.py "
+                f"{backend} ...`, or make the mesh one device (e.g. ici_mesh.fsdp=1)."
+            ) from None
+        raise ConfigError(
+            f"{e} Under torchrun each of the {devices.count} processes is one device: start "
+            f"--nproc_per_node={asked} (x nodes), or make the mesh {devices.count} devices."
+        ) from None
+
+
+def check_hosts_hold_data_blocks(mesh: Mesh, devices: Devices) -> None:
+    """Each host (torchrun node) reads its own part of the batch, so its processes must be
+    whole data-parallel blocks of the mesh (tensor and context axes inside a host)."""
+    ways = mesh.size(BATCH_SPEC[0])
+    if ways % devices.hosts:
+        raise ConfigError(
+            f"the mesh's {ways} data-parallel devices (data x fsdp) do not split over the "
+            f"{devices.hosts} hosts: each host reads its own part of the batch."
+        )
+    per_host = ways // devices.hosts
+    for rank in range(devices.count or 0):
+        host = rank // devices.local_processes
+        if data_parallel_index(mesh, rank) // per_host != host:
+            raise ConfigError(
+                f"mesh {mesh.describe()}: rank {rank} on host {host} computes on rows another "
+                "host reads; keep tensor parallelism within a host (ici_mesh) and split the "
+                "hosts over data or fsdp (dcn_mesh)."
+            )
 
 
 def _check_model(pre: Preflight) -> None:
@@ -268,6 +324,12 @@ def _check_model(pre: Preflight) -> None:
         pre.specs = problems.attempt(plan_parameter_specs, model, m.sharding, pre.mesh)
     else:
         pre.skip("the parameter specs", "a valid mesh")
+    # On torch.distributed, or planned for it (plan_only with backend=cpu or cuda).
+    distributed = pre.devices.engine == "torch.distributed" or (
+        pre.devices.target and cfg.backend in ("cpu", "cuda")
+    )
+    if pre.specs is not None and distributed:
+        problems.attempt(check_dtensor_specs, model, m.sharding, pre.specs, pre.mesh)
     pre.activation_specs = problems.attempt(plan_activation_specs, model, m.sharding)
     problems.attempt(check_remat, model, m.remat)
     opt = cfg.trainer.optimizer

@@ -1,8 +1,10 @@
 """A checked config becomes a running trainer: the assembly steps, in the order they apply.
 
 1. pre-flight (run/preflight.py): every check, the meta model, the plan, this host's data;
-2. the weights: each module initialized on the host (from the seed, or read from an HF
-   folder) and sent to the devices already sharded (torchprime/materialize.py);
+2. the weights: the meta model laid out by module where the engine does so (torch.distributed:
+   tensor parallelism and FSDP2, `Backend.parallelize`), then each module initialized on the
+   host (from the seed, or read from an HF folder) and sent to the devices already sharded
+   (torchprime/materialize.py);
 3. activation sharding annotations, then the rewriting for compile time and memory (XLA
    linear, remat, scan, offload, barriers: torchprime/rewriting.py), then the mesh handed to
    the Pallas attention kernels;
@@ -30,6 +32,7 @@ from train_config import TrainConfig
 from trainers import make_trainer
 from trainers.base_trainer import BaseTrainer
 from trainers.callbacks import StepCallback
+from trainers.hosts import gather_from_hosts, is_coordinator
 from trainers.metrics import model_flops_per_token, peak_flops
 from trainers.metrics_logger import TrainSummary
 from trainers.profiling import GraphDumper, StepProfiler, hlo_dir, prune_compiler_dumps
@@ -47,9 +50,11 @@ def run_training(
     """Check `cfg` on `backend`'s devices (every problem in one ConfigError, nothing written
     before), then build the trainer and train; `resolved` is the config wandb records."""
     pre = preflight(cfg, Devices.of_backend(backend), output_dir=output_dir)
+    _add_other_processes_problems(pre)
     pre.raise_if_problems()
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    if is_coordinator():
+        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     log.info("backend: %s, mesh: %s", backend.describe(), pre.mesh.describe())
     trainer = build_trainer(pre, backend, output_dir, resolved, callbacks)
     trainer.restore()
@@ -64,6 +69,15 @@ def run_training(
             prune_compiler_dumps(hlo_dir(output_dir) / "xla")
 
 
+def _add_other_processes_problems(pre: Preflight) -> None:
+    """Every process stops when one found a problem (its own data, say): the others would
+    otherwise wait for it in their first collective."""
+    for rank, problems in enumerate(gather_from_hosts(list(pre.problems))):
+        for problem in problems:
+            if problem not in pre.problems:
+                pre.problems.append(f"process {rank}: {problem}")
+
+
 def build_trainer(
     pre: Preflight,
     backend: Backend,
@@ -75,6 +89,7 @@ def build_trainer(
     cfg, mesh, model = pre.cfg, pre.mesh, pre.model
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
+    backend.parallelize(model, pre.specs, mesh)
     if cfg.model.pretrained_path:
         from models.hf import hf_weights_init
 
@@ -97,7 +112,7 @@ def build_trainer(
         place_kernels(model, KernelPlacement(backend, mesh, pre.qkv_spec))
 
     sinks = []
-    if cfg.wandb.enabled and backend.process_index == 0:
+    if cfg.wandb.enabled and is_coordinator():
         from trainers.wandb_logger import WandbLogger
 
         sinks.append(WandbLogger(cfg.wandb, cfg.run_name, output_dir, resolved))

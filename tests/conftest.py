@@ -33,11 +33,12 @@ def run_train(
     python_flags: tuple[str, ...] = (),
     timeout: int = 600,
     script: str = "train.py",
+    env: dict[str, str] | None = None,
 ):
     """`python train.py OVERRIDES...` in a fresh process, as a user runs it (`script`: another
-    entry point taking the same overrides)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PJRT_DEVICE", "CPU_NUM_DEVICES")}
-    env["WANDB_MODE"] = "offline"
+    entry point taking the same overrides; `env`: variables added to its environment)."""
+    base = {k: v for k, v in os.environ.items() if k not in ("PJRT_DEVICE", "CPU_NUM_DEVICES")}
+    env = {**base, "WANDB_MODE": "offline", **(env or {})}
     return subprocess.run(
         [sys.executable, *python_flags, *script.split(), *overrides],
         cwd=ROOT,
@@ -94,7 +95,11 @@ def cpu_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("cpu")
     # -X importtime lists every module the process imports, on stderr.
     proc = run_train(
-        "backend=cpu", *SHORT_RUN, f"output_dir={out}", python_flags=("-X", "importtime")
+        "backend=cpu",
+        "ici_mesh.fsdp=1",
+        *SHORT_RUN,
+        f"output_dir={out}",
+        python_flags=("-X", "importtime"),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc

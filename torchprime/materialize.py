@@ -30,7 +30,8 @@ def materialize(
     generator: torch.Generator,
 ) -> None:
     """Replace every meta parameter and buffer of `model` by an initialized device tensor laid
-    out as `specs` says (names as in `model.named_parameters()`). Tied parameters stay tied."""
+    out as `specs` says (names as in `model.named_parameters()`). Tied parameters stay tied.
+    Parameters the backend already laid out (`Backend.parallelize`) get their values in place."""
     placed: dict[int, nn.Parameter] = {}  # id of the meta parameter → its device parameter
     for name, module in model.named_modules():
         fresh: dict[str, nn.Parameter] = {}
@@ -55,10 +56,7 @@ def materialize(
         for key, meta_param in fresh.items():
             host = module._parameters[key]
             full_name = f"{name}.{key}" if name else key
-            device_param = nn.Parameter(
-                backend.place(host.detach(), mesh, specs[full_name]),
-                requires_grad=host.requires_grad,
-            )
+            device_param = backend.place_parameter(meta_param, host, mesh, specs[full_name])
             module._parameters[key] = device_param
             placed[id(meta_param)] = device_param
         for key in buffers:

@@ -153,3 +153,33 @@ def fold_mesh(mesh: Mesh, max_devices: int) -> Mesh:
 
 def _smallest_factor(n: int) -> int:
     return next(f for f in range(2, n + 1) if n % f == 0)
+
+
+def device_grid(mesh: Mesh) -> list[int]:
+    """Device (process rank) ids laid out on `mesh`, flattened in row-major order of
+    `mesh.shape`: slices outermost on every axis, so a slice (a host's devices, when one host
+    is one slice) holds a contiguous block of each axis it spans. One id per device."""
+    import torch
+
+    ndim = len(AXES)
+    ids = torch.arange(mesh.num_devices).reshape(*mesh.dcn, *mesh.ici)
+    # (dcn_0, .., dcn_4, ici_0, .., ici_4) → (dcn_0, ici_0, dcn_1, ici_1, ...): on each axis
+    # the slice index is the outer part of the coordinate.
+    order = [i for axis in range(ndim) for i in (axis, ndim + axis)]
+    return ids.permute(order).reshape(-1).tolist()
+
+
+def coordinates(mesh: Mesh, device: int) -> dict[str, int]:
+    """Where device (rank) `device` sits on each axis of `mesh` (as `device_grid` lays them)."""
+    flat = device_grid(mesh).index(device)
+    coords = {}
+    for axis in reversed(AXES):
+        flat, coords[axis] = divmod(flat, mesh.shape[axis])
+    return {a: coords[a] for a in AXES}
+
+
+def data_parallel_index(mesh: Mesh, device: int) -> int:
+    """The share of the batch device `device` computes on: its coordinate along (data, fsdp),
+    data outermost (the batch spec's order)."""
+    c = coordinates(mesh, device)
+    return c["data"] * mesh.shape["fsdp"] + c["fsdp"]

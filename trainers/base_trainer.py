@@ -36,7 +36,7 @@ from trainers.callbacks import StepCallback
 from trainers.checkpoint_manager import CheckpointManager
 from trainers.config import TrainerConfig
 from trainers.data_position import TrackedBatches
-from trainers.hosts import barrier
+from trainers.hosts import barrier, is_coordinator
 from trainers.metrics_logger import MetricsLogger, TrainSummary
 from trainers.preemption import Preemption
 
@@ -111,7 +111,8 @@ class BaseTrainer:
         raise NotImplementedError
 
     def export_hf(self, path: Path) -> None:
-        """Write the model as a Hugging Face folder (trainer.export_hf)."""
+        """Write the model as a Hugging Face folder (trainer.export_hf). Every process calls
+        it; the coordinator writes."""
         raise ConfigError(f"trainer.export_hf: the {self.cfg.name!r} trainer cannot export.")
 
     # -- one step --------------------------------------------------------------------------
@@ -132,27 +133,30 @@ class BaseTrainer:
         norm before any clipping, and whether it is non-finite (the step must be skipped)."""
         params = [p for p in self.model.parameters() if p.grad is not None]
         grads = [p.grad for p in params]
-        norm = torch.nn.utils.get_total_norm(grads)
+        norm = self.backend.total_norm(grads)
         clip_norm = norm
         if self.cfg.max_grad_value is not None:
             torch.nn.utils.clip_grad_value_(params, self.cfg.max_grad_value)
             if self.cfg.max_grad_norm is not None:
-                clip_norm = torch.nn.utils.get_total_norm(grads)
+                clip_norm = self.backend.total_norm(grads)
         if self.cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grads_with_norm_(params, self.cfg.max_grad_norm, clip_norm)
+            self.backend.clip_grads_with_norm_(params, self.cfg.max_grad_norm, clip_norm)
         return norm, torch.logical_not(torch.isfinite(norm))
 
     def accumulate(self, micro_batches: Sequence[dict[str, torch.Tensor]]):
         """Forward and backward over the micro-batches; returns (loss, aux) of them all."""
-        if len(micro_batches) == 1:
+        if len(micro_batches) == 1 and not self.backend.local_batch:
             loss, aux = self.forward(micro_batches[0])
             loss.backward()
             aux.pop("num_tokens", None)
             return loss, aux
         # Each micro-batch's loss is a mean over its own tokens: weighted by that count,
-        # summed, and divided by the count of all of them, it is the big batch's loss.
+        # summed, and divided by the count of all of them, it is the big batch's loss. Where
+        # each process holds its own rows (`local_batch`), the sums run over processes too, and
+        # gradients are reduced across them only with the last micro-batch.
         total_loss, total_count, aux_sums = None, None, {}
-        for batch in micro_batches:
+        for i, batch in enumerate(micro_batches):
+            self.backend.set_gradient_sync(self.model, i == len(micro_batches) - 1)
             loss, aux = self.forward(batch)
             count = aux.pop("num_tokens", None)
             count = torch.ones_like(loss) if count is None else count.to(loss.dtype)
@@ -162,6 +166,8 @@ class BaseTrainer:
             total_count = count if total_count is None else total_count + count
             for k, v in aux.items():
                 aux_sums[k] = aux_sums.get(k, 0) + v.detach() * count
+        total_loss, total_count = map(self.backend.sum_over_data, (total_loss, total_count))
+        aux_sums = {k: self.backend.sum_over_data(v) for k, v in aux_sums.items()}
         for p in self.model.parameters():
             if p.grad is not None:
                 p.grad.div_(total_count)
@@ -356,7 +362,8 @@ class BaseTrainer:
         # The values of the last step, not of a graph still running.
         self.backend.sync()
         self.backend.wait_device_ops()
-        if self.backend.process_index == 0:
-            self.export_hf(path)
+        # Every process: gathering parameters split over processes takes them all.
+        self.export_hf(path)
+        if is_coordinator():
             log.info("export: HF folder written to %s", path)
         return path

@@ -9,6 +9,7 @@ import torch
 from models.llama import IGNORE_INDEX
 from models.masks import segment_bias
 from trainers.base_trainer import BaseTrainer
+from trainers.hosts import is_coordinator
 
 
 class LMTrainer(BaseTrainer):
@@ -31,4 +32,4 @@ class LMTrainer(BaseTrainer):
     def export_hf(self, path: Path) -> None:
         from models.hf import save_hf
 
-        save_hf(self.model, path)
+        save_hf(self.model, path, to_host=self.backend.host_copy, write=is_coordinator())

@@ -28,6 +28,7 @@ def test_training_starts_from_the_checkpoint_weights(tmp_path):
     out = tmp_path / "run"
     proc = run_train(
         "backend=cpu",
+        "ici_mesh.fsdp=1",
         f"model.pretrained_path={tmp_path / 'hf'}",
         "trainer.max_steps=1",
         "trainer.progress_bar=false",
@@ -45,6 +46,7 @@ def test_a_checkpoint_of_another_architecture_is_refused_with_the_fields(tmp_pat
     saved_tiny(tmp_path / "hf")
     proc = run_train(
         "backend=cpu",
+        "ici_mesh.fsdp=1",
         f"model.pretrained_path={tmp_path / 'hf'}",
         "model.hidden_size=256",
         "model.num_hidden_layers=2",

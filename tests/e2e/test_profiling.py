@@ -47,7 +47,7 @@ def test_xla_run_writes_a_trace_the_step_graphs_and_the_metrics_report(tmp_path)
 
 
 def test_eager_run_writes_a_chrome_trace(tmp_path):
-    proc = run_train("backend=cpu", *STEPS, f"output_dir={tmp_path}")
+    proc = run_train("backend=cpu", "ici_mesh.fsdp=1", *STEPS, f"output_dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     trace = json.loads((tmp_path / "profile" / "trace.json").read_text())
     names = {e.get("name", "") for e in trace["traceEvents"]}

@@ -51,7 +51,7 @@ def losses(out):
 @pytest.fixture(scope="module")
 def cpu_straight(tmp_path_factory):
     out = tmp_path_factory.mktemp("cpu_straight")
-    train("backend=cpu", *STRAIGHT, f"output_dir={out}")
+    train("backend=cpu", "ici_mesh.fsdp=1", *STRAIGHT, f"output_dir={out}")
     return out
 
 
@@ -59,7 +59,7 @@ def cpu_straight(tmp_path_factory):
 def cpu_resumed(tmp_path_factory):
     """Stopped after step 4, then resumed; wandb on (offline) and the HF export at the end."""
     out = tmp_path_factory.mktemp("cpu_resumed")
-    common = ("backend=cpu", *RUN, f"output_dir={out}", "wandb.enabled=true")
+    common = ("backend=cpu", "ici_mesh.fsdp=1", *RUN, f"output_dir={out}", "wandb.enabled=true")
     first = train(*common, "trainer.stop_at_step=4")
     second = train(*common, "trainer.resume=auto", "trainer.export_hf=true")
     return out, first, second

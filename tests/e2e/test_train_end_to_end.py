@@ -90,6 +90,7 @@ def test_preset_and_group_and_key_overrides_compose(tmp_path):
     proc = run_train(
         "+config=smoke",
         "backend=cpu",
+        "ici_mesh.fsdp=1",
         "trainer.max_steps=3",
         "model=tiny",
         "data=stdlib",

@@ -1,6 +1,7 @@
 """`python tests/e2e/train_with_sigterm.py STEP [overrides...]`: train.py whose process sends
 itself SIGTERM when step STEP begins, as a TPU preemption would in the middle of a step. The
-signal comes from a step callback handed to the run, not from a hook inside the trainer."""
+signal comes from a step callback handed to the run, not from a hook inside the trainer. Under
+torchrun, SIGTERM_RANK=R sends it to rank R only (every rank otherwise)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ class SigtermAt(Callback):
         self.step = step
 
     def step_begins(self, step: int) -> None:
-        if step == self.step:
+        rank = os.environ.get("RANK", "0")
+        if step == self.step and os.environ.get("SIGTERM_RANK", rank) == rank:
             os.kill(os.getpid(), signal.SIGTERM)
 
 

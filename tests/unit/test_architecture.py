@@ -108,6 +108,30 @@ def test_only_torchprime_imports_torch_xla():
             assert not any(n.split(".")[0] == "torch_xla" for n in names), (name, names)
 
 
+#: torch.distributed's parallel APIs: the torch.distributed engine's, behind the backend seam.
+PARALLEL_APIS = (
+    "torch.distributed.tensor",
+    "torch.distributed.fsdp",
+    "torch.distributed.device_mesh",
+    "torch.distributed._composable",
+)
+
+
+def test_only_torchprime_imports_the_parallel_apis_of_torch_distributed():
+    importers = set()
+    for name, path in project_modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            if any(n.startswith(PARALLEL_APIS) for n in names):
+                importers.add(name)
+    assert importers == {"torchprime.backend.distributed"}
+
+
 def test_ruff_finds_nothing_to_fix_or_reformat():
     for command in (["check", "."], ["format", "--check", "."]):
         proc = subprocess.run(

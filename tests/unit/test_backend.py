@@ -24,8 +24,27 @@ def test_unknown_backend_lists_the_choices():
 def test_cuda_without_a_gpu_says_so():
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible")
-    with pytest.raises(ConfigError, match="no CUDA device"):
+    with pytest.raises(ConfigError, match=r"no CUDA device is visible \(NCCL needs one GPU"):
         resolve_backend_name("cuda")
+
+
+def test_auto_under_torchrun_picks_the_distributed_engine_on_the_cpu(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: auto picks cuda")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert resolve_backend_name("auto") == "cpu"
+
+
+def test_a_process_group_that_cannot_start_says_how_to_launch(monkeypatch):
+    # torchrun's rank and world size, but no rendezvous address.
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(ConfigError) as e:
+        select_backend("cpu", cpu_devices=1)
+    assert "backend=cpu: the gloo process group could not start (ValueError" in str(e.value)
+    assert "torchrun --nproc_per_node=N train.py backend=cpu" in str(e.value)
 
 
 def test_the_cpu_backend_is_one_plain_device():

@@ -61,3 +61,15 @@ def test_fold_mesh_keeps_every_axis_and_fits():
     folded = fold_mesh(slices, 8)
     assert folded.num_slices == 1 and folded.shape["data"] == 2 and folded.shape["fsdp"] == 4
     assert fold_mesh(mesh(fsdp=3, tensor=3), 4).num_devices == 3  # odd sizes: nearest fit
+
+
+def test_processes_fill_the_mesh_row_major_with_slices_outermost():
+    from torchprime.mesh import coordinates, data_parallel_index, device_grid
+
+    mesh = resolve_mesh(MeshAxesConfig(fsdp=2, tensor=2), MeshAxesConfig(), None)
+    assert device_grid(mesh) == [0, 1, 2, 3]
+    assert coordinates(mesh, 1) == {"data": 0, "fsdp": 0, "expert": 0, "tensor": 1, "context": 0}
+    assert [data_parallel_index(mesh, r) for r in range(4)] == [0, 0, 1, 1]
+    # Two slices of fsdp=2: slice 1 holds fsdp 2 and 3 of the combined axis.
+    hybrid = resolve_mesh(MeshAxesConfig(fsdp=2), MeshAxesConfig(fsdp=2), None)
+    assert [coordinates(hybrid, r)["fsdp"] for r in range(4)] == [0, 1, 2, 3]

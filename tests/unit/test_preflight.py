@@ -8,19 +8,25 @@ from run.preflight import Devices, preflight
 from torchprime.backend import select_backend
 from torchprime.chips import ChipName
 from torchprime.errors import ConfigError
+from torchprime.mesh import MeshAxesConfig
 from train_config import TargetConfig, TrainConfig
 
-CPU = Devices.of_backend(select_backend("cpu", cpu_devices=1))
+CPU = Devices.of_backend(select_backend("cpu", cpu_devices=1))  # one device, no torchrun
+
+
+def one_device(cfg: TrainConfig) -> TrainConfig:
+    cfg.ici_mesh = MeshAxesConfig(fsdp=1)
+    return cfg
 
 
 def test_a_pod_config_does_not_start_on_other_devices():
     """An 8B model on a laptop CPU would grind for hours before running out of memory."""
-    cfg = TrainConfig(target=TargetConfig(chip=ChipName.v5p, num_devices=64))
+    cfg = one_device(TrainConfig(target=TargetConfig(chip=ChipName.v5p, num_devices=64)))
     pre = preflight(cfg, CPU, open_data=False)
     assert len(pre.problems) == 1
     assert "target.chip=v5p" in pre.problems[0] and "devices here are CPU" in pre.problems[0]
     assert "dry_run=true" in pre.problems[0]
-    assert preflight(TrainConfig(), CPU, open_data=False).ok  # no target: runs anywhere
+    assert preflight(one_device(TrainConfig()), CPU, open_data=False).ok  # no target
 
 
 def test_a_mesh_that_misses_the_devices_still_checks_the_batch_and_the_specs():
@@ -37,8 +43,15 @@ def test_a_mesh_that_misses_the_devices_still_checks_the_batch_and_the_specs():
     assert pre.mesh.describe() == "fsdp=8"  # the mesh as configured, for the checks after it
 
 
+def test_a_multi_device_mesh_on_one_eager_device_gives_the_torchrun_command():
+    pre = preflight(TrainConfig(backend="cpu"), CPU, open_data=False)  # fsdp=4
+    assert len(pre.problems) == 1
+    assert "there are 1" in pre.problems[0]
+    assert "torchrun --nproc_per_node=4 train.py backend=cpu" in pre.problems[0]
+
+
 def test_checks_that_need_a_valid_model_are_skipped_and_named():
-    cfg = TrainConfig()
+    cfg = one_device(TrainConfig())
     cfg.model.num_key_value_heads = 3
     cfg.trainer.optimizer.lr_multipliers = {"lm_haed.weight": 0.5}
     pre = preflight(cfg, CPU, open_data=False)

@@ -1,8 +1,11 @@
 """Choosing the backend: the seam between the trainer and the devices it runs on.
 
-`select_backend("auto")` picks, in order: XLA on a TPU host; CUDA when a GPU is visible; XLA on
-virtual CPU devices when torch_xla is installed (the dry run of a TPU job, with real SPMD);
-plain PyTorch on the CPU otherwise. torch_xla is imported only when XLA is picked.
+`select_backend("auto")` picks, in order: XLA on a TPU host; under torchrun (RANK and
+WORLD_SIZE set), torch.distributed on CUDA when a GPU is visible, else on the CPU; CUDA when a
+GPU is visible; XLA on virtual CPU devices when torch_xla is installed (the dry run of a TPU
+job, with real SPMD); plain PyTorch on the CPU otherwise. torch_xla is imported only when XLA is
+picked. `cpu` and `cuda` under torchrun are the torch.distributed engine, one process per device
+(torchprime/backend/distributed.py); without torchrun, one device.
 """
 
 from __future__ import annotations
@@ -51,6 +54,12 @@ def tpu_present() -> bool:
     return False
 
 
+def under_torchrun() -> bool:
+    """Whether this process is one of a job's processes started by torchrun (or a launcher
+    setting the same variables)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
 def resolve_backend_name(requested: str) -> str:
     """The concrete backend `requested` means on this machine, checked to be usable."""
     if requested not in BackendName.__members__:
@@ -62,6 +71,8 @@ def resolve_backend_name(requested: str) -> str:
 
         if torch.cuda.is_available():
             return "cuda"
+        if under_torchrun():
+            return "cpu"
         return "xla" if torch_xla_installed() else "cpu"
     if requested == "xla" and not torch_xla_installed():
         raise ConfigError(
@@ -72,7 +83,10 @@ def resolve_backend_name(requested: str) -> str:
         import torch
 
         if not torch.cuda.is_available():
-            raise ConfigError("backend=cuda, but no CUDA device is visible: use backend=cpu.")
+            raise ConfigError(
+                "backend=cuda, but no CUDA device is visible (NCCL needs one GPU per process): "
+                "use backend=cpu (gloo under torchrun)."
+            )
     return requested
 
 
@@ -82,6 +96,10 @@ def select_backend(requested: str, cpu_devices: int, hlo_dump_dir: Path | None =
     `hlo_dump_dir`: XLA dumps every module it compiles there, as text, before and after
     optimization (after: the per-device program, SPMD-partitioned)."""
     name = resolve_backend_name(requested)
+    if name != "xla" and under_torchrun():
+        from torchprime.backend.distributed import DistributedBackend
+
+        return DistributedBackend(name)
     if name != "xla":
         from torchprime.backend.eager import EagerBackend
 

@@ -103,6 +103,52 @@ class Backend(abc.ABC):
     def shard_like(self, tensor: torch.Tensor, like: torch.Tensor) -> None:
         """Lay `tensor` out as `like` is (same shape): optimizer moments like their parameter."""
 
+    # -- the model's layout and its gradients; the defaults suit one program over all devices
+    #    (XLA SPMD) and one device (eager) -----------------------------------------------------
+    def parallelize(
+        self, model: torch.nn.Module, specs: dict[str, PartitionSpec], mesh: Mesh
+    ) -> None:
+        """Lay out the meta model's modules by `specs` before its weights exist (the
+        torch.distributed engine: tensor parallelism, then FSDP2 per decoder layer and at the
+        root). Nothing by default: XLA shards each tensor as it is placed."""
+
+    def place_parameter(
+        self, param: torch.nn.Parameter, host: torch.Tensor, mesh: Mesh, spec: PartitionSpec
+    ) -> torch.nn.Parameter:
+        """The parameter that replaces `param` (the module's, still without values) holding the
+        whole host tensor `host` laid out by `spec`; each device gets only its shard."""
+        return torch.nn.Parameter(
+            self.place(host.detach(), mesh, spec), requires_grad=host.requires_grad
+        )
+
+    #: Each process computes the loss of its own rows of the batch (one process per device), so
+    #: losses, token counts and gradients are sums over processes (`sum_over_data`).
+    local_batch = False
+
+    def sum_over_data(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` summed over the processes that hold different rows of the batch (every
+        process gets the sum). Identity where one program sees the whole batch."""
+        return tensor
+
+    def set_gradient_sync(self, model: torch.nn.Module, enabled: bool) -> None:
+        """Whether the next backward pass reduces gradients across processes (off for the
+        micro-batches before the last one of a step). Nothing to do where nothing is reduced."""
+
+    def total_norm(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """The 2-norm of all `tensors` together, as one tensor (sharded ones counted once)."""
+        return torch.nn.utils.get_total_norm(tensors)
+
+    def clip_grads_with_norm_(
+        self, params: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor
+    ) -> None:
+        """Scale the gradients of `params` by max_norm / total_norm where that is below 1."""
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total_norm)
+
+    def host_copy(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The whole of `tensor` in host memory. Where tensors are split over processes every
+        process must call it (it gathers)."""
+        return tensor.detach().cpu()
+
     def rng_state(self) -> Any:
         """The device RNG's state as a JSON value, for checkpoints; None where torch's CPU RNG
         is the only one."""
