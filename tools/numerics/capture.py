@@ -95,7 +95,11 @@ class SideModel:
     """Our model's mesh (None for transformers' model, which runs on one CPU device)."""
 
     def describe(self) -> str:
-        where = "CPU" if self.mesh is None else f"{self.backend.describe()}, {self.mesh.describe()}"
+        where = (
+            "cpu"
+            if self.mesh is None
+            else f"{self.backend.describe()}, mesh {self.mesh.describe()}"
+        )
         return f"{self.side.describe()} on {where}"
 
 

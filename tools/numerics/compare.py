@@ -3,7 +3,9 @@ relative error, the cosine similarity, and the first tensor past the tolerance.
 
 The relative error is max |b - a| / max |a|: the error on the scale of the tensor. An element-wise
 ratio |b - a| / |a| would be dominated by the elements that happen to be near zero, which every
-activation has. Everything is computed in float64 from the sides' own dtypes.
+activation has. The RMS relative error |b - a|_2 / |a|_2 averages over every element, so it
+shows a slow growth (with the sequence length, say) that the worst element hides. Everything is
+computed in float64 from the sides' own dtypes.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ class TensorDiff:
     """max |b - a|."""
     rel_err: float
     """max |b - a| / max |a| (0 when both are zero everywhere)."""
+    rms_rel_err: float
+    """|b - a|_2 / |a|_2."""
     cosine: float
     """a · b / (|a| |b|) over the flattened tensors."""
     past_tolerance: bool
@@ -62,10 +66,14 @@ def diff(name: str, a: torch.Tensor, b: torch.Tensor, tolerance: float) -> Tenso
     err = (b64 - a64).abs().max().item() if a64.numel() else 0.0
     scale = a64.abs().max().item() if a64.numel() else 0.0
     rel = err / scale if scale > 0 else (0.0 if err == 0 else math.inf)
+    norm_a = a64.norm().item()
+    err_norm = (b64 - a64).norm().item()
+    rms = err_norm / norm_a if norm_a > 0 else (0.0 if err_norm == 0 else math.inf)
     norms = a64.norm() * b64.norm()
     cosine = (a64 @ b64 / norms).item() if norms > 0 else float(err == 0)
     finite = math.isfinite(err) and math.isfinite(scale)
-    return TensorDiff(name, list(a.shape), scale, err, rel, cosine, rel > tolerance or not finite)
+    past = rel > tolerance or not finite
+    return TensorDiff(name, list(a.shape), scale, err, rel, rms, cosine, past)
 
 
 def compare(
@@ -86,7 +94,7 @@ def compare(
 def format_table(c: Comparison) -> str:
     """The comparison as a text table, the first tensor past the tolerance marked."""
     first = c.first_past
-    rows = [("tensor", "shape", "max |a|", "max abs err", "rel err", "cosine", "")]
+    rows = [("tensor", "shape", "max |a|", "max abs err", "rel err", "rms rel err", "cosine", "")]
     for t in c.tensors:
         mark = ""
         if t is first:
@@ -100,6 +108,7 @@ def format_table(c: Comparison) -> str:
                 f"{t.max_abs_a:.3g}",
                 f"{t.max_abs_err:.2e}",
                 f"{t.rel_err:.2e}",
+                f"{t.rms_rel_err:.2e}",
                 f"{t.cosine:.8f}",
                 mark,
             )
@@ -110,11 +119,20 @@ def format_table(c: Comparison) -> str:
 
 
 def format_growth(comparisons: list[Comparison]) -> str:
-    """The relative error of every tensor at each sequence length, side by side."""
-    rows = [("tensor", *(f"rel err @{c.seq_len}" for c in comparisons))]
+    """The relative errors of every tensor at each sequence length, side by side."""
+    rows = [
+        (
+            "tensor",
+            *(f"rel err @{c.seq_len}" for c in comparisons),
+            *(f"rms rel @{c.seq_len}" for c in comparisons),
+        )
+    ]
     for i, t in enumerate(comparisons[0].tensors):
-        rows.append((t.name, *(f"{c.tensors[i].rel_err:.2e}" for c in comparisons)))
-    return "relative error by sequence length\n" + _layout(rows)
+        at = [c.tensors[i] for c in comparisons]
+        rows.append(
+            (t.name, *(f"{d.rel_err:.2e}" for d in at), *(f"{d.rms_rel_err:.2e}" for d in at))
+        )
+    return "relative errors by sequence length\n" + _layout(rows)
 
 
 def _layout(rows: list[tuple[str, ...]]) -> str:

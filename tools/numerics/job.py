@@ -78,7 +78,7 @@ class Result:
         return any(c.first_past for c in self.comparisons)
 
     def text(self) -> str:
-        parts = [f"a (reference) {self.a}", f"b {self.b}"]
+        parts = [f"{self.a} (the reference)\n{self.b}"]
         parts += [format_table(c) for c in self.comparisons]
         if len(self.comparisons) > 1:
             parts.append(format_growth(self.comparisons))
