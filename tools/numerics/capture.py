@@ -23,6 +23,7 @@ both.
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import logging
 from dataclasses import dataclass
@@ -118,7 +119,7 @@ def build_side(side: Side, weights: Path | None, perturb: dict[str, float] | Non
 
 
 def _our_model(side: Side, weights: Path | None) -> SideModel:
-    cfg = side.cfg
+    cfg = copy.deepcopy(side.cfg)  # the side's own config stays as the user wrote it
     if weights is not None:
         cfg.model.pretrained_path = str(weights)
     if cfg.model.remat.scan_layers:
