@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import requires_xla
-from tools.numerics.job import check, new_job, run_in_process
+from tools.numerics.job import check, make_batches, new_job, run_in_process
 from tools.numerics.weights import write_hf_folder
 from torchprime.backend.eager import EagerBackend
 from torchprime.errors import ConfigError
@@ -88,7 +88,7 @@ def test_a_perturbed_weight_is_found_at_its_layer(param, found_at):
     assert tensors[found_at].past_tolerance
 
 
-def test_checkpoint_weights_are_read_as_the_run_saved_them(tmp_path):
+def test_checkpoint_weights_are_read_as_the_run_saved_them_by_both_sides(tmp_path):
     job = new_job(CPU, "hf")
     from models import build_model
 
@@ -103,6 +103,15 @@ def test_checkpoint_weights_are_read_as_the_run_saved_them(tmp_path):
     assert set(saved) == set(state)
     for name, tensor in state.items():
         assert torch.equal(saved[name], tensor), name
+
+    # Both sides run on them: the reference's loss is the saved model's on the same batch.
+    job = new_job(CPU, "hf", weights=str(tmp_path), **SHORT)
+    tensors = by_name(run_in_process(job))
+    (batch,) = make_batches(job.a, 1, [64])
+    with torch.no_grad():
+        expected = model(batch["input_ids"], labels=batch["labels"]).loss.item()
+    assert abs(tensors["loss"].max_abs_a - expected) < 1e-5
+    assert all(t.rel_err < 1e-5 for t in tensors.values())
 
 
 # -- bad input: errors that name the value --------------------------------------------------
