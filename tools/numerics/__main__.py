@@ -42,7 +42,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="init (the seeded init of the config), an HF Llama folder, a checkpoint "
         "(output_dir/checkpoints/step_N) or a run's output_dir (its newest checkpoint)",
     )
-    p.add_argument("--seq-lens", type=int, nargs="+", default=[128], metavar="T")
+    p.add_argument(
+        "--seq-lens",
+        type=int,
+        nargs="+",
+        default=[128],
+        metavar="T",
+        help="sequence lengths, each compared in turn (default 128)",
+    )
     p.add_argument(
         "--batch-size", type=int, help="rows (default: what both meshes' data x fsdp split)"
     )
