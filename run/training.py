@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from omegaconf import OmegaConf
+from torch import nn
 
 from run.preflight import Devices, Preflight, preflight
 from torchprime.attention import TPU_KERNELS, KernelPlacement, place_kernels
@@ -86,6 +87,38 @@ def build_trainer(
     callbacks: Sequence[StepCallback] = (),
 ) -> BaseTrainer:
     """Steps 2 to 4 of this module's story, for a pre-flight without problems."""
+    cfg, mesh = pre.cfg, pre.mesh
+    model = place_model(pre, backend)
+
+    sinks = []
+    if cfg.wandb.enabled and is_coordinator():
+        from trainers.wandb_logger import WandbLogger
+
+        sinks.append(WandbLogger(cfg.wandb, cfg.run_name, output_dir, resolved))
+    return make_trainer(
+        cfg.trainer,
+        model,
+        backend,
+        mesh,
+        pre.batches,
+        output_dir,
+        tokens_per_step=cfg.trainer.global_batch_size * cfg.data.block_size,
+        flops_per_token=model_flops_per_token(model, cfg.data.block_size),
+        peak_flops=peak_flops(backend.device_kind, cfg.trainer.peak_flops_per_device),
+        sinks=sinks,
+        callbacks=[
+            StepProfiler(cfg.profile, backend, output_dir),
+            GraphDumper(cfg.debug, backend, output_dir),
+            *callbacks,
+        ],
+    )
+
+
+def place_model(pre: Preflight, backend: Backend) -> nn.Module:
+    """Steps 2 and 3 of this module's story: the pre-flight's meta model with its weights on
+    the devices (seeded init, or `model.pretrained_path`), sharded, annotated and rewritten,
+    ready for a forward pass. Training and the numerics tool (tools/numerics) both build the
+    model here."""
     cfg, mesh, model = pre.cfg, pre.mesh, pre.model
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -110,26 +143,4 @@ def build_trainer(
     apply_rewriting(model, cfg.model.remat, backend)
     if cfg.model.attention_kernel in TPU_KERNELS:
         place_kernels(model, KernelPlacement(backend, mesh, pre.qkv_spec))
-
-    sinks = []
-    if cfg.wandb.enabled and is_coordinator():
-        from trainers.wandb_logger import WandbLogger
-
-        sinks.append(WandbLogger(cfg.wandb, cfg.run_name, output_dir, resolved))
-    return make_trainer(
-        cfg.trainer,
-        model,
-        backend,
-        mesh,
-        pre.batches,
-        output_dir,
-        tokens_per_step=cfg.trainer.global_batch_size * cfg.data.block_size,
-        flops_per_token=model_flops_per_token(model, cfg.data.block_size),
-        peak_flops=peak_flops(backend.device_kind, cfg.trainer.peak_flops_per_device),
-        sinks=sinks,
-        callbacks=[
-            StepProfiler(cfg.profile, backend, output_dir),
-            GraphDumper(cfg.debug, backend, output_dir),
-            *callbacks,
-        ],
-    )
+    return model
