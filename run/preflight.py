@@ -47,8 +47,10 @@ from torchprime.sharding import (
     plan_parameter_specs,
     qkv_spec,
 )
+from torchprime.step_model import StepModel, StepShape, format_step_model, predict_step
 from train_config import TargetConfig, TrainConfig
 from trainers import get_trainer_class
+from trainers.metrics import model_flops_per_token
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +127,8 @@ class Preflight:
     plan: ShardingPlan | None = None
     activations: ActivationEstimate | None = None
     verdict: FitVerdict | None = None
+    step_model: StepModel | None = None
+    """The roofline of one step on the target chip (when the chip is known)."""
 
     @property
     def ok(self) -> bool:
@@ -377,6 +381,25 @@ def _plan(pre: Preflight) -> None:
     if hbm is not None and not cfg.target.problems():
         used = pre.activations.device_bytes if pre.activations else None
         pre.verdict = fit_verdict(pre.plan, *hbm, used)
+    if pre.devices.chip is not None and t.global_batch_size >= 1 and t.grad_accum_steps >= 1:
+        pre.step_model = predict_step(pre.plan, step_shape(cfg, pre.model), pre.devices.chip)
+
+
+def step_shape(cfg: TrainConfig, model: nn.Module) -> StepShape:
+    """What the step model needs of `cfg` and its (meta) model."""
+    m, block = cfg.model, cfg.data.block_size
+    layer = type(model.decoder_layers[0]).__name__
+    return StepShape(
+        model_flops_per_token=model_flops_per_token(model, block),
+        tokens_per_step=cfg.trainer.global_batch_size * block,
+        micro_batches=cfg.trainer.grad_accum_steps,
+        layers=m.num_hidden_layers,
+        hidden=m.hidden_size,
+        kv_dim=m.num_key_value_heads * m.resolved_head_dim,
+        activation_bytes=cfg.dtype.torch.itemsize,
+        rematerialized=layer in m.remat.activation_checkpoint_layers
+        or bool(m.remat.scan_layers and m.remat.offload_tensors),
+    )
 
 
 def target_hbm(cfg: TrainConfig, devices: Devices) -> tuple[float, str] | None:
@@ -407,6 +430,8 @@ def plan_report(pre: Preflight, max_rows: int = 40) -> str:
         memory = pre.memory_text()
         if memory:
             parts.append("  " + memory.replace("\n", "\n  "))
+        if pre.step_model is not None:
+            parts.append(format_step_model(pre.step_model))
     if pre.problems:
         parts.append(f"error: {pre.error()}")
     return "\n".join(parts)
