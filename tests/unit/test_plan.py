@@ -79,7 +79,8 @@ def test_activation_estimate_of_the_8b_preset_and_what_remat_and_offload_change(
     assert off.kept_bytes == 0 and off.host_bytes == a.kept_bytes
     cfg.model.attention_kernel = "sdpa"  # written-out attention keeps its probabilities too
     sdpa = estimate_activations(cfg.model, remat, mesh, 4, 8192, 2, layer)
-    assert sdpa.working_bytes - a.working_bytes == 32768 * 2 * 32 * 8192
+    # and the boolean causal mask [8192, 8192] made per layer call
+    assert sdpa.working_bytes - a.working_bytes == 32768 * 2 * 32 * 8192 + 8192 * 8192
 
 
 def test_the_verdict_counts_the_activations_when_they_are_estimated():
