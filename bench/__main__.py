@@ -1,6 +1,6 @@
 """Every benchmark in one run, then BENCHMARKS.md's tables and benchmarks.png rewritten.
 
-    python -m bench                 # or: make bench (8-15 minutes on 2 cores)
+    python -m bench                 # or: make bench (15-25 minutes on 2 cores)
     python -m bench --only eager compiled --no-write
 
 Each benchmark runs in its own process, as its own command would (printed before it starts),
