@@ -203,3 +203,11 @@ def test_the_preflight_reports_context_problems_with_the_plan_per_device():
     assert pre.ok, list(pre.problems)
     assert pre.sequence_split == 4
     assert pre.activations.tokens == rows * cfg.data.block_size // 4
+
+
+def test_the_cp_presets_are_their_base_presets_with_the_sequence_over_context():
+    for preset, base in (("fsdp_cp", "fsdp"), ("fsdp_tp_cp", "fsdp_tp")):
+        cp = composed(f"model/sharding={preset}").model.sharding
+        assert cp.parameters == composed(f"model/sharding={base}").model.sharding.parameters
+        assert cp.activations["model.layers.*"] == [["data", "fsdp"], "context", None]
+        assert cp.qkv == [["data", "fsdp"], ["tensor", "context"], None, None]
