@@ -191,7 +191,9 @@ def shrunken(
         ),
         checkpoint=dataclasses.replace(t.checkpoint, interval=steps // 2, keep=None),
     )
-    block = _round_up(min(cfg.data.block_size, SMALL_BLOCK), folded.shape["context"])
+    # the row splits over context (into 2N chunks with load balancing)
+    chunks = folded.shape["context"] * (2 if m.load_balance_context else 1)
+    block = _round_up(min(cfg.data.block_size, SMALL_BLOCK), chunks)
     small = dataclasses.replace(
         cfg,
         backend=BackendName.xla,

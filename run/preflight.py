@@ -26,6 +26,7 @@ from optimizers.groups import param_groups
 from torchprime.attention import check_attention_kernel
 from torchprime.backend.base import Backend
 from torchprime.chips import CHIPS, Chip, chip_of
+from torchprime.context import context_problems, context_size, splits_sequence
 from torchprime.dtensor_layout import check_dtensor_specs
 from torchprime.errors import ConfigError, Problems
 from torchprime.mesh import Mesh, data_parallel_index, resolve_mesh
@@ -125,6 +126,9 @@ class Preflight:
     batches: TextBatches | None = None
     """This host's data pipeline, opened (its sources read up to their first document)."""
     plan: ShardingPlan | None = None
+    sequence_split: int = 1
+    """Devices each row's sequence is split over: the context axis when the layers'
+    activations are split over it (context parallelism), else 1."""
     activations: ActivationEstimate | None = None
     verdict: FitVerdict | None = None
     step_model: StepModel | None = None
@@ -318,7 +322,7 @@ def _check_model(pre: Preflight) -> None:
         pre.devices.kind,
         m.is_causal,
         cfg.data.block_size,
-        uses_bias=cfg.data.packing == "document",
+        uses_bias=False,  # document packing hands the kernels segment ids, not a bias
     )
     pre.qkv_spec = problems.attempt(qkv_spec, m.sharding)
     pre.model = model = problems.attempt(build_model, m, cfg.dtype.torch)
@@ -335,6 +339,7 @@ def _check_model(pre: Preflight) -> None:
     if pre.specs is not None and distributed:
         problems.attempt(check_dtensor_specs, model, m.sharding, pre.specs, pre.mesh)
     pre.activation_specs = problems.attempt(plan_activation_specs, model, m.sharding)
+    _check_context(pre)
     problems.attempt(check_remat, model, m.remat)
     opt = cfg.trainer.optimizer
     problems.attempt(param_groups, model, opt.weight_decay, dict(opt.lr_multipliers))
@@ -342,6 +347,30 @@ def _check_model(pre: Preflight) -> None:
         from models.hf import check_matches
 
         problems.attempt(check_matches, m, m.pretrained_path)
+
+
+def _check_context(pre: Preflight) -> None:
+    """Context parallelism (the sequence split over `context`) as configured can run."""
+    cfg, m = pre.cfg, pre.cfg.model
+    if pre.mesh is None or pre.activation_specs is None:
+        pre.skip("context parallelism", "a valid mesh and activation specs")
+        return
+    stack = {id(layer) for layer in pre.model.decoder_layers}
+    names = {name for name, module in pre.model.named_modules() if id(module) in stack}
+    layers = [p for p in pre.activation_specs if p.index is None and p.module in names]
+    split = bool(layers) and all(splits_sequence(p.spec) for p in layers)
+    pre.sequence_split = context_size(pre.mesh) if split else 1
+    engine = "torch.distributed" if cfg.backend in ("cpu", "cuda") else pre.devices.engine
+    pre.problems += context_problems(
+        pre.mesh,
+        cfg.data.block_size,
+        load_balance=m.load_balance_context,
+        kernel=m.attention_kernel,
+        qkv_spec=pre.qkv_spec,
+        num_heads=m.num_attention_heads,
+        engine=engine,
+        sequence_split=split,
+    )
 
 
 def _open_data(pre: Preflight) -> None:
@@ -376,6 +405,8 @@ def _plan(pre: Preflight) -> None:
             cfg.data.block_size,
             cfg.dtype.torch.itemsize,
             layer,
+            sequence_split=pre.sequence_split,
+            segment_ids=cfg.data.packing == "document",
         )
     hbm = target_hbm(cfg, pre.devices)
     if hbm is not None and not cfg.target.problems():

@@ -5,7 +5,8 @@
    tensor parallelism and FSDP2, `Backend.parallelize`), then each module initialized on the
    host (from the seed, or read from an HF folder) and sent to the devices already sharded
    (torchprime/materialize.py);
-3. activation sharding annotations, then the rewriting for compile time and memory (XLA
+3. activation sharding annotations and, with context parallelism, the sequence layout handed
+   to attention (torchprime/context.py), then the rewriting for compile time and memory (XLA
    linear, remat, scan, offload, barriers: torchprime/rewriting.py), then the mesh handed to
    the Pallas attention kernels;
 4. the trainer, given its checkpoint manager, metrics logger and step callbacks; it restores
@@ -26,6 +27,7 @@ from torch import nn
 from run.preflight import Devices, Preflight, preflight
 from torchprime.attention import TPU_KERNELS, KernelPlacement, place_kernels
 from torchprime.backend.base import Backend
+from torchprime.context import SequenceLayout, context_size, place_sequence_layout
 from torchprime.materialize import materialize
 from torchprime.rewriting import apply_rewriting
 from torchprime.sharding import replicated, shard_activations
@@ -140,6 +142,8 @@ def place_model(pre: Preflight, backend: Backend) -> nn.Module:
             log.info(
                 "sharding: %d parameters replicated (no pattern): %s", len(left), ", ".join(left)
             )
+    if context_size(mesh) > 1 and cfg.model.attention_kernel not in TPU_KERNELS:
+        place_sequence_layout(model, SequenceLayout(backend, mesh))
     apply_rewriting(model, cfg.model.remat, backend)
     if cfg.model.attention_kernel in TPU_KERNELS:
         place_kernels(model, KernelPlacement(backend, mesh, pre.qkv_spec))
