@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from torchprime.backend.base import Backend
 from trainers.hosts import barrier, broadcast_from_coordinator, is_coordinator, process_index
@@ -192,7 +193,8 @@ def load_checkpoint(path: Path, state: dict[str, Any], backend: Backend) -> dict
                 planner=load_planner,
                 no_dist=not dist.is_initialized(),
             )
-    except Exception as e:  # noqa: BLE001 - DCP wraps reader errors in its own types
+    # DCP wraps reader errors in its own types; its CheckpointException is a BaseException.
+    except (Exception, CheckpointException) as e:  # noqa: BLE001
         raise CorruptCheckpoint(f"loading failed ({type(e).__name__}: {_first_line(e)})") from e
     record: dict[str, Any] = {"step": int(complete["step"])}
     hosts = host_file(path, process_index(backend))
