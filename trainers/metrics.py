@@ -14,14 +14,18 @@ from torchprime.chips import chip_of
 
 
 class MetricsFile:
-    """Appends records to a JSON-lines file, flushed at once so a crash loses nothing logged."""
+    """Appends records to a JSON-lines file, flushed at once so a crash loses nothing logged.
+    The file is created with the first record: a run that fails before it logged a step leaves
+    no metrics.jsonl behind, so the same command may run again in the same folder."""
 
     def __init__(self, path: Path):
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(path, "a", encoding="utf-8")
+        self._file = None
 
     def write(self, record: dict[str, Any]) -> None:
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a", encoding="utf-8")
         # JSON has no NaN / inf: write them as null rather than as invalid JSON.
         clean = {
             k: (None if isinstance(v, float) and not math.isfinite(v) else v)
@@ -31,7 +35,8 @@ class MetricsFile:
         self._file.flush()
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
