@@ -19,6 +19,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from torchprime.errors import ConfigError
+from trainers.storage import free_space
 
 RESOLVER = "checked_output_dir"
 
@@ -62,17 +63,6 @@ def check_output_dir(path: str | Path) -> None:
     problem = output_dir_problem(Path(path))
     if problem is not None:
         raise ConfigError(f"output_dir={path}: {problem}. Nothing was written.")
-
-
-def free_space(path: Path) -> str:
-    """The space left on `path`'s file system, for messages ("12.3 MiB", "unknown")."""
-    for candidate in (path, *path.parents):
-        try:
-            st = os.statvfs(candidate)
-        except OSError:
-            continue
-        return f"{st.f_bavail * st.f_frsize / 2**20:.1f} MiB"
-    return "unknown"
 
 
 def _checked_output_dir(path: str) -> str:

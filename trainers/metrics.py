@@ -3,6 +3,7 @@ FLOPs utilization (mfu) is computed from."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from torchprime.chips import chip_of
+from trainers.storage import WriteFailed, describe_write_failure
 
 
 class MetricsFile:
@@ -31,12 +33,22 @@ class MetricsFile:
             k: (None if isinstance(v, float) and not math.isfinite(v) else v)
             for k, v in record.items()
         }
-        self._file.write(json.dumps(clean) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(clean) + "\n")
+            self._file.flush()
+        except OSError as e:
+            # The records before this one are on disk; a line cut here is dropped on resume.
+            raise WriteFailed(
+                describe_write_failure(f"metrics of step {record.get('step')}", self.path, e)
+                + ". The checkpoints are intact: make room, then run the same command with "
+                "trainer.resume=auto to continue."
+            ) from None
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
+            # Closing flushes what a failed write left in the buffer, and fails the same way.
+            with contextlib.suppress(OSError):
+                self._file.close()
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -55,3 +55,22 @@ def test_the_metrics_file_is_made_by_the_first_record_not_before(tmp_path):
     metrics.write({"step": 1, "loss": 2.5})
     metrics.close()
     assert read_metrics(tmp_path / "metrics.jsonl") == [{"step": 1, "loss": 2.5}]
+
+
+def test_a_full_disk_during_a_metrics_write_names_the_file_and_the_free_space(tmp_path):
+    from trainers.metrics import MetricsFile, read_metrics, truncate_metrics
+    from trainers.storage import WriteFailed
+
+    with mounted(tmp_path / "disk", "size=64k", fstype="tmpfs") as disk:
+        metrics = MetricsFile(disk / "metrics.jsonl")
+        metrics.write({"step": 1, "loss": 2.5})
+        (disk / "filler").write_bytes(b"x" * (64 * 1024 - 4096))  # the disk is now full
+        with pytest.raises(WriteFailed) as failed:
+            metrics.write({"step": 2, "loss": 2.0, "pad": "y" * 8192})
+        metrics.close()  # the buffered rest fails again, quietly
+        message = str(failed.value)
+        assert f"metrics of step 2: writing {disk / 'metrics.jsonl'} failed" in message
+        assert "No space left on device" in message and "MiB free there" in message
+        (disk / "filler").unlink()  # room again: a resume drops the cut line, keeps step 1
+        assert truncate_metrics(disk / "metrics.jsonl", 1) == 1
+        assert read_metrics(disk / "metrics.jsonl") == [{"step": 1, "loss": 2.5}]
