@@ -19,7 +19,7 @@ from datasets.exceptions import DatasetNotFoundError
 from datasets.table import CastError
 
 from data.config import DataConfig, SourceConfig
-from data.row_checks import BadRow, find_bad_rows, row_problem, scan_first_rows
+from data.row_checks import SCAN_ROWS, BadRow, find_bad_rows, row_problem, scan_first_rows
 from torchprime.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -233,8 +233,10 @@ class SourceReader:
         whose files disagree on their columns fails on every host alike), then this host's
         stream up to its first document: a missing or non-text field, bytes that are not
         UTF-8, a file that does not parse or an empty part fails here, before training."""
-        bad = scan_first_rows(self.files, self.spec.format, self.spec.text_field)
-        if bad is not None and not (bad.row_level and self.on_bad_row == "skip"):
+        skipping = self.on_bad_row == "skip"
+        found = find_bad_rows(self.files, self.spec.format, self.spec.text_field, SCAN_ROWS)
+        bad = next((b for b in found if not (skipping and b.row_level)), None)
+        if bad is not None:
             raise bad_row_error(self.key, self.spec, bad)
         with self._reading():
             for row in self._host_stream():

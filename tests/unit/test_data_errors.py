@@ -88,3 +88,12 @@ def test_a_truncated_parquet_file_is_named(tmp_path):
     cfg = DataConfig(source="files", path=str(tmp_path), format="parquet", block_size=16)
     with pytest.raises(ConfigError, match=r"b.parquet: not a readable Parquet file"):
         TextBatches(cfg, ByteTokenizer(), batch_size=2)
+
+
+def test_skip_does_not_pass_a_file_whose_columns_differ(tmp_path):
+    jsonl(tmp_path / "a.jsonl", [{"text": None}, {"text": "fine"}])
+    jsonl(tmp_path / "b.jsonl", [{"body": "x"}])
+    with pytest.raises(
+        ConfigError, match=r"b.jsonl, row 1: columns differ .* lacks text; adds body"
+    ):
+        batches(tmp_path, on_bad_row="skip")
