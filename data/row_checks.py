@@ -92,12 +92,17 @@ def _parquet_rows(
         yield 0, None, f"not a readable Parquet file ({e})"
         return
     columns = file.schema_arrow.names
+    # Only the text column is read (others may be large, images say); a row lists every
+    # column of the schema, for the comparison of columns.
+    if text_field not in columns and file.metadata.num_rows:
+        yield 1, dict.fromkeys(columns), None  # every row lacks it: the first says so
+        return
     number = 0
     try:
-        for batch in file.iter_batches(batch_size=limit or 8192):
-            for row in batch.to_pylist():
+        for batch in file.iter_batches(batch_size=limit or 8192, columns=[text_field]):
+            for text in batch.column(0).to_pylist():
                 number += 1
-                yield number, row, None
+                yield number, {**dict.fromkeys(columns), text_field: text}, None
                 if limit is not None and number >= limit:
                     return
     except Exception as e:  # noqa: BLE001
