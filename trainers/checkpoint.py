@@ -64,21 +64,26 @@ def _quiet_library_warnings():
         yield
 
 
-@contextlib.contextmanager
-def _writer_threads_quiet():
-    """DCP's writer threads print their own traceback when a write fails (a full disk), then
-    dcp.save raises the same error, which the save reports in one line: keep the threads'
-    tracebacks in the log at debug level instead of on the console."""
+#: The function DCP's writer threads run (their names end with it).
+_DCP_WRITER = "_write_files_from_queue"
+
+
+def _quiet_writer_threads() -> None:
+    """DCP's writer threads print their own traceback when a write fails (a full disk), maybe
+    after dcp.save has raised the same error, which the save reports in one line: their
+    tracebacks go to the log at debug level instead. Other threads keep the usual hook."""
     previous = threading.excepthook
+    if getattr(previous, "quiets_dcp_writers", False):
+        return
 
     def hook(args: threading.ExceptHookArgs) -> None:
-        log.debug("checkpoint writer thread failed: %r", args.exc_value)
+        if args.thread is not None and args.thread.name.endswith(f"({_DCP_WRITER})"):
+            log.debug("checkpoint writer thread failed: %r", args.exc_value)
+        else:
+            previous(args)
 
+    hook.quiets_dcp_writers = True
     threading.excepthook = hook
-    try:
-        yield
-    finally:
-        threading.excepthook = previous
 
 
 def checkpoint_dir(root: Path, step: int) -> Path:
@@ -126,7 +131,8 @@ def save_checkpoint(
     save_planner, _ = backend.checkpoint_planners()
     written = None  # this host's failure to write its files, if any
     try:
-        with _quiet_library_warnings(), _writer_threads_quiet():
+        _quiet_writer_threads()
+        with _quiet_library_warnings():
             dcp.save(
                 state,
                 storage_writer=dcp.FileSystemWriter(str(tmp), thread_count=WRITER_THREADS),
@@ -139,6 +145,11 @@ def save_checkpoint(
         if os_error_in(e) is None:
             raise
         written = describe_write_failure(f"checkpoint of step {step}", tmp, e)
+        # DCP raises without joining its other writer threads: let them fail too before the
+        # folder is removed, so none writes into it afterwards.
+        for thread in threading.enumerate():
+            if thread.name.endswith(f"({_DCP_WRITER})"):
+                thread.join(timeout=60)
     # Every host's files are in (or one failed) before the coordinator seals the folder.
     problem = next((p for p in gather_from_hosts(written) if p is not None), None)
     write_failed = problem is not None

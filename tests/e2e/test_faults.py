@@ -198,9 +198,10 @@ def test_read_only_folder_and_full_disk(tmp_path):
             },
         ]
         before_resume = tmp_path / "metrics_before_resume.jsonl"
-        cases[2]["before"].insert(
-            0, ["run", "cp", str(disk / "run/metrics.jsonl"), str(before_resume)]
-        )
+        cases[2]["before"][:0] = [  # what the failed run left, before the resume changes it
+            ["run", "cp", str(disk / "run/metrics.jsonl"), str(before_resume)],
+            ["run", "sh", "-c", f"ls -a {disk}/run/checkpoints > {tmp_path}/after_failure.txt"],
+        ]
         r = run_cases(cases, tmp_path)
         refused(r["read_only"], 2, f"output_dir={ro}/run", "read-only file system")
         assert list(ro.iterdir()) == []
@@ -209,6 +210,8 @@ def test_read_only_folder_and_full_disk(tmp_path):
             r["disk_full"], 1, str(disk / "run/checkpoints/.step_00000004.tmp"), "No space left"
         )
         assert "MiB free" in line and "step_00000002" in line and "trainer.resume=auto" in line
+        after_failure = (tmp_path / "after_failure.txt").read_text().split()
+        assert sorted(after_failure) == [".", "..", "step_00000002"]  # the partial one removed
         first = read_jsonl(before_resume)
         assert [x["step"] for x in first] == [1, 2, 3, 4]
 
