@@ -199,8 +199,12 @@ def check_no_previous_run(output_dir: Path, resume: str = "never") -> None:
     (trainer.resume=auto or a checkpoint: the run continues in place)."""
     if resume != "never":
         return
+    metrics, checkpoints = output_dir / "metrics.jsonl", output_dir / "checkpoints"
+    # An empty metrics.jsonl is what a run that failed before its first step left behind.
     found = [
-        p.name for p in (output_dir / "metrics.jsonl", output_dir / "checkpoints") if p.exists()
+        p.name
+        for p in (metrics, checkpoints)
+        if p.exists() and not (p == metrics and p.is_file() and p.stat().st_size == 0)
     ]
     if found:
         raise ConfigError(
