@@ -11,6 +11,7 @@ from pathlib import Path
 from optimizers.schedules import ScheduleName, wsd_decay_steps
 from torchprime.dtypes import DType
 from torchprime.errors import Problems
+from trainers.spike import SpikeConfig
 
 
 def _at_least(found: Problems, key: str, value: float | None, low: float, null: bool) -> None:
@@ -129,8 +130,9 @@ class TrainerConfig:
     max_grad_value: float | None = None
     """Clamp each gradient element to ±max_grad_value, before norm clipping (null: off)."""
     max_consecutive_skips: int | None = 10
-    """Stop the run when this many steps in a row had non-finite gradients (each is skipped:
-    nothing changes). Checked at logged steps. null: never stop."""
+    """Stop the run when this many steps in a row had non-finite gradients or were loss
+    spikes (trainer.spike; each is skipped: nothing changes). Checked at logged steps. null:
+    never stop."""
     peak_flops_per_device: float | None = None
     """Peak FLOP/s of one device for the logged mfu; null: from the table of known TPUs (no
     mfu elsewhere, e.g. on CPU)."""
@@ -158,6 +160,8 @@ class TrainerConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     lr_scheduler: LRSchedulerConfig = field(default_factory=LRSchedulerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
+    """Loss-spike skipping (trainers/spike.py)."""
 
     def problems(self, key: str = "trainer") -> Problems:
         found = Problems()
@@ -175,6 +179,7 @@ class TrainerConfig:
         found += self.optimizer.problems(f"{key}.optimizer")
         found += self.lr_scheduler.problems(self.max_steps, f"{key}.lr_scheduler")
         found += self.checkpoint.problems(f"{key}.checkpoint")
+        found += self.spike.problems(f"{key}.spike")
         return found
 
 
