@@ -294,6 +294,8 @@ class BaseTrainer:
                         )
                         break
                 self.backend.wait_device_ops()
+                # The end of the run and a stop wait for a checkpoint written in the background.
+                self.checkpoints.wait()
             failed = False
         finally:
             for callback in self.callbacks:

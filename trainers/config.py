@@ -101,6 +101,12 @@ class CheckpointConfig:
     """Save once more when training ends."""
     keep: int | None = 3
     """Keep the newest `keep` complete checkpoints, deleting older ones (null: keep all)."""
+    async_save: bool | None = None
+    """Write checkpoints in the background while training goes on (trainers/async_checkpoint.py:
+    the state is staged in host memory, COMPLETE written once the write finished, one save in
+    flight). null: on where that is safe, a single process; off with several processes, where
+    it is not implemented (true there is refused at start-up). false: the step loop waits for
+    every write."""
 
     def problems(self, key: str = "trainer.checkpoint") -> Problems:
         found = Problems()
