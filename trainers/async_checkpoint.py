@@ -133,7 +133,6 @@ class AsyncSaver:
         written.add_done_callback(seal)
         with self._lock:
             self._pending = (step, sealed)
-        log.info("checkpoint: step %d staged in %.2f s; writing in the background", step, staged_s)
         return final
 
     def wait(self) -> None:

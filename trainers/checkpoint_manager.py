@@ -87,10 +87,19 @@ class CheckpointManager:
 
     def save(self, step: int, state: Stateful) -> Path:
         """Save step `step`; returns its folder (with async_save: complete once `wait`ed)."""
-        if self.async_saver is not None:
-            return self.async_saver.save(step, state.checkpoint_tensors(), state.host_state())
         before = self.backend.compile_count()
         started = time.perf_counter()
+        if self.async_saver is not None:
+            path = self.async_saver.save(step, state.checkpoint_tensors(), state.host_state())
+            log.info(
+                "checkpoint: step %d saved to host memory, writing %s in the background "
+                "(staged in %.2f s%s)",
+                step,
+                path,
+                time.perf_counter() - started,
+                self._compiles_since(before),
+            )
+            return path
         path = save_checkpoint(
             self.root,
             step,
