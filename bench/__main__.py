@@ -37,6 +37,7 @@ PARTS: dict[str, list[str]] = {
     "data_pipeline": ["bench.data_pipeline", "--seconds", "2"],
     "distributed": ["bench.distributed_step"],
     "attention": ["bench.attention"],
+    "checkpoint_save": ["bench.checkpoint_save"],
 }
 MFU_TARGETS = {"eager": 0.60, "compiled": 0.85}
 SETUP_NAMES = {
@@ -290,6 +291,25 @@ def attention_md(r: dict[str, Any]) -> str:
     return markdown(r)
 
 
+def checkpoint_save_md(r: dict[str, Any]) -> str:
+    rows = [
+        ["synchronous (async_save=false)", f"{r['sync_save_s']:.3f}"],
+        ["asynchronous (async_save=true)", f"{r['async_save_s']:.3f}"],
+    ]
+    return "\n".join(
+        [
+            _table(["save", "loop time added per save, s"], rows, "lr"),
+            "",
+            f"Median of {r['rounds']} interleaved runs of {r['steps']} steps per side, a "
+            f"checkpoint every {r['interval']} steps; a plain step took {r['step_s']:.3f} s. "
+            f"Per run: sync {', '.join(f'{c:.3f}' for c in r['sync_runs_s'])} s, async "
+            f"{', '.join(f'{c:.3f}' for c in r['async_runs_s'])} s. The losses of both sides "
+            f"differed by at most {r['max_loss_gap']:.1e}. Load average at the end: "
+            f"{r.get('load_average', float('nan')):.1f} on {os.cpu_count()} cores.",
+        ]
+    )
+
+
 def run_md(results: dict[str, Any], total_s: float) -> str:
     import torch
 
@@ -310,6 +330,7 @@ SECTIONS: dict[str, tuple[tuple[str, ...], Callable[..., str]]] = {
     "data_pipeline": (("data_pipeline",), data_pipeline_md),
     "distributed": (("distributed",), distributed_md),
     "attention": (("attention",), attention_md),
+    "checkpoint_save": (("checkpoint_save",), checkpoint_save_md),
 }
 
 

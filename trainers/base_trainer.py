@@ -39,6 +39,7 @@ from trainers.data_position import TrackedBatches
 from trainers.hosts import barrier, is_coordinator
 from trainers.metrics_logger import MetricsLogger, TrainSummary
 from trainers.preemption import Preemption
+from trainers.spike import SpikeDetector
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ class BaseTrainer:
         # load into with the layout training gives them.
         self.optimizer.init_state(layout=backend.shard_like)
         self.step_count = torch.zeros((), dtype=torch.float32, device=backend.device)
+        self.spike = SpikeDetector(cfg.spike, backend.device) if cfg.spike.enabled else None
         backend.sync()
         self.start_step = 0
         self.resumed_from: Path | None = None
@@ -178,6 +180,8 @@ class BaseTrainer:
     ) -> dict[str, torch.Tensor]:
         loss, aux = self.accumulate(micro_batches)
         grad_norm, skip = self.clip_gradients()
+        if self.spike is not None:  # decided on the device, like the non-finite skip
+            skip = skip | self.spike.check(loss, grad_norm, skip)
         lr = self.current_lr()
         for group in self.optimizer.param_groups:
             mult = group.get("lr_multiplier", 1.0)
@@ -190,6 +194,8 @@ class BaseTrainer:
             metrics["update_clip_fraction"] = self.optimizer.update_clip_fraction
         metrics["skipped_steps"] = self.optimizer.skipped_steps
         metrics["consecutive_skips"] = self.optimizer.consecutive_skips
+        if self.spike is not None:
+            metrics.update(self.spike.metrics())
         return metrics
 
     # -- what a checkpoint holds -------------------------------------------------------------
@@ -198,11 +204,14 @@ class BaseTrainer:
         name (not position, so a checkpoint survives reordered parameter groups), and the
         device counters. The tensors themselves: loading writes into them."""
         names = {p: n for n, p in self.model.named_parameters()}
-        return {
+        tensors = {
             "model": self.model.state_dict(keep_vars=True),
             "optimizer": {names[p]: dict(s) for p, s in self.optimizer.state.items()},
             "counters": {"step_count": self.step_count, **self.optimizer.counters()},
         }
+        if self.spike is not None:  # the running statistics: a resume decides the same way
+            tensors["spike"] = self.spike.state()
+        return tensors
 
     def host_state(self) -> dict[str, Any]:
         """This host's part of a checkpoint (JSON): data position and RNG states."""
@@ -285,6 +294,8 @@ class BaseTrainer:
                         )
                         break
                 self.backend.wait_device_ops()
+                # The end of the run and a stop wait for a checkpoint written in the background.
+                self.checkpoints.wait()
             failed = False
         finally:
             for callback in self.callbacks:
@@ -354,9 +365,10 @@ class BaseTrainer:
         limit = self.cfg.max_consecutive_skips
         if limit is not None and consecutive >= limit:
             self._abort = (
-                f"{consecutive} steps in a row up to step {step} had non-finite gradients and "
-                f"were skipped (trainer.max_consecutive_skips={limit}); the model and optimizer "
-                "are as before them. Lower trainer.optimizer.lr, check the data, or resume "
+                f"{consecutive} steps in a row up to step {step} had non-finite gradients "
+                "(or loss / grad-norm spikes, trainer.spike) and were skipped "
+                f"(trainer.max_consecutive_skips={limit}); the model and optimizer are as "
+                "before them. Lower trainer.optimizer.lr, check the data, or resume "
                 "from an earlier checkpoint."
             )
 

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from torchprime.backend.base import Backend
 from torchprime.errors import ConfigError
+from trainers.async_checkpoint import AsyncSaver
 from trainers.checkpoint import (
     CorruptCheckpoint,
     describe_incomplete,
@@ -26,7 +27,13 @@ from trainers.checkpoint import (
     step_dirs,
 )
 from trainers.config import CheckpointConfig
-from trainers.hosts import barrier, broadcast_from_coordinator, gather_from_hosts, is_coordinator
+from trainers.hosts import (
+    barrier,
+    broadcast_from_coordinator,
+    gather_from_hosts,
+    is_coordinator,
+    process_total,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +68,17 @@ class CheckpointManager:
         """never, auto, or a checkpoint folder (trainer.resume)."""
         self.root = root
         self.backend = backend
+        processes = max(process_total(), backend.process_count)
+        single = processes == 1
+        if cfg.async_save and not single:
+            raise ConfigError(
+                f"trainer.checkpoint.async_save=true: asynchronous saves need a single process, "
+                f"this run has {processes}; set it to false or null (synchronous saves with "
+                "several processes)."
+            )
+        use_async = single if cfg.async_save is None else cfg.async_save
+        self.async_saver = AsyncSaver(root, backend, cfg.keep) if use_async else None
+        """Writes checkpoints in the background (trainer.checkpoint.async_save), or None."""
 
     def should_save(self, step: int, max_steps: int) -> bool:
         if self.cfg.interval and step % self.cfg.interval == 0:
@@ -68,8 +86,20 @@ class CheckpointManager:
         return self.cfg.save_at_end and step == max_steps
 
     def save(self, step: int, state: Stateful) -> Path:
+        """Save step `step`; returns its folder (with async_save: complete once `wait`ed)."""
         before = self.backend.compile_count()
         started = time.perf_counter()
+        if self.async_saver is not None:
+            path = self.async_saver.save(step, state.checkpoint_tensors(), state.host_state())
+            log.info(
+                "checkpoint: step %d saved to host memory, writing %s in the background "
+                "(staged in %.2f s%s)",
+                step,
+                path,
+                time.perf_counter() - started,
+                self._compiles_since(before),
+            )
+            return path
         path = save_checkpoint(
             self.root,
             step,
@@ -86,6 +116,11 @@ class CheckpointManager:
             self._compiles_since(before),
         )
         return path
+
+    def wait(self) -> None:
+        """Until the checkpoint being written in the background (if any) is complete."""
+        if self.async_saver is not None:
+            self.async_saver.wait()
 
     def restore(self, state: Stateful) -> Restored | None:
         """Load the checkpoint `resume` asks for into `state`; None: start from step 0.

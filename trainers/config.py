@@ -11,6 +11,7 @@ from pathlib import Path
 from optimizers.schedules import ScheduleName, wsd_decay_steps
 from torchprime.dtypes import DType
 from torchprime.errors import Problems
+from trainers.spike import SpikeConfig
 
 
 def _at_least(found: Problems, key: str, value: float | None, low: float, null: bool) -> None:
@@ -100,6 +101,12 @@ class CheckpointConfig:
     """Save once more when training ends."""
     keep: int | None = 3
     """Keep the newest `keep` complete checkpoints, deleting older ones (null: keep all)."""
+    async_save: bool | None = None
+    """Write checkpoints in the background while training goes on (trainers/async_checkpoint.py:
+    the state is staged in host memory, COMPLETE written once the write finished, one save in
+    flight). null: on where that is safe, a single process; off with several processes, where
+    it is not implemented (true there is refused at start-up). false: the step loop waits for
+    every write."""
 
     def problems(self, key: str = "trainer.checkpoint") -> Problems:
         found = Problems()
@@ -129,8 +136,9 @@ class TrainerConfig:
     max_grad_value: float | None = None
     """Clamp each gradient element to ±max_grad_value, before norm clipping (null: off)."""
     max_consecutive_skips: int | None = 10
-    """Stop the run when this many steps in a row had non-finite gradients (each is skipped:
-    nothing changes). Checked at logged steps. null: never stop."""
+    """Stop the run when this many steps in a row had non-finite gradients or were loss
+    spikes (trainer.spike; each is skipped: nothing changes). Checked at logged steps. null:
+    never stop."""
     peak_flops_per_device: float | None = None
     """Peak FLOP/s of one device for the logged mfu; null: from the table of known TPUs (no
     mfu elsewhere, e.g. on CPU)."""
@@ -158,6 +166,8 @@ class TrainerConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     lr_scheduler: LRSchedulerConfig = field(default_factory=LRSchedulerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
+    """Loss-spike skipping (trainers/spike.py)."""
 
     def problems(self, key: str = "trainer") -> Problems:
         found = Problems()
@@ -175,6 +185,7 @@ class TrainerConfig:
         found += self.optimizer.problems(f"{key}.optimizer")
         found += self.lr_scheduler.problems(self.max_steps, f"{key}.lr_scheduler")
         found += self.checkpoint.problems(f"{key}.checkpoint")
+        found += self.spike.problems(f"{key}.spike")
         return found
 
 

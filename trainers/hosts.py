@@ -15,6 +15,11 @@ def process_index(backend: Backend) -> int:
     return dist.get_rank() if dist.is_initialized() else backend.process_index
 
 
+def process_total() -> int:
+    """Processes in the job's process group (1 without one)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def is_coordinator() -> bool:
     """Whether this process seals checkpoints and edits shared files (rank 0; single process:
     always). Hosts coordinate through torch.distributed when a process group is up."""

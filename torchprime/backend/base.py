@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from torchprime.mesh import Mesh, PartitionSpec
 
@@ -148,6 +149,13 @@ class Backend(abc.ABC):
         """The whole of `tensor` in host memory. Where tensors are split over processes every
         process must call it (it gathers)."""
         return tensor.detach().cpu()
+
+    def stage_for_checkpoint(self, state: dict[str, Any]) -> dict[str, Any]:
+        """A copy of `state` (nested dicts of tensors) in host memory that nothing else writes
+        to, for a checkpoint written while training goes on; DCP's default planner saves it."""
+        flat, spec = tree_flatten(state)
+        flat = [t.detach().to("cpu", copy=True) if torch.is_tensor(t) else t for t in flat]
+        return tree_unflatten(flat, spec)
 
     def rng_state(self) -> Any:
         """The device RNG's state as a JSON value, for checkpoints; None where torch's CPU RNG

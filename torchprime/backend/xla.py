@@ -171,6 +171,19 @@ class XlaBackend(Backend):
         if sharding is not None:
             torch_xla._XLAC._xla_mark_sharding(tensor, sharding)
 
+    def stage_for_checkpoint(self, state: dict[str, Any]) -> dict[str, Any]:
+        # Each sharded tensor as this process's shards (torch_xla's _CpuShards, which its
+        # save planner, checkpoint_planners()[0], writes shard by shard), the others
+        # whole, in batched transfers of tensors that hold data (the caller synced): no graph
+        # and no compilation, where a whole copy of a sharded tensor compiles a gather each.
+        from torch.utils._pytree import tree_map
+        from torch_xla.experimental.distributed_checkpoint._helpers import (
+            _sharded_cpu_state_dict,
+        )
+
+        plain = tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, state)
+        return _sharded_cpu_state_dict(plain)
+
     def rng_state(self) -> int:
         return xm.get_rng_state()
 

@@ -1,0 +1,161 @@
+"""Asynchronous checkpoints (`trainer.checkpoint.async_save`): the step loop stages the state in
+host memory and goes on training while DCP's `async_save` writes it in a background thread.
+
+The folder format and its guarantees are those of trainers/checkpoint.py: the files go to
+.step_NNNNNNNN.tmp/, and only once the write has finished are the host record and `COMPLETE`
+written, the folder renamed and older checkpoints pruned (in the background thread, after the
+write). A crash while a write is in flight leaves a .tmp folder that resume never takes, and the
+previous checkpoint stays the newest complete one. At most one save is in flight: a new save,
+the end of the run and a SIGTERM stop wait for the one before.
+
+Single process only (one host): the staged copy holds every tensor whole, and the background
+thread would need a process group of its own to coordinate hosts. With several processes the
+trainer saves synchronously (async_save null) or refuses to start (async_save true).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+import time
+import warnings
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.staging import AsyncStager
+
+from torchprime.backend.base import Backend
+from trainers.checkpoint import (
+    COMPLETE,
+    WRITER_THREADS,
+    _check_all_written,
+    _quiet_library_warnings,
+    checkpoint_dir,
+    fsync_dir,
+    host_file,
+    is_complete,
+    step_dirs,
+)
+
+log = logging.getLogger(__name__)
+
+
+class _AlreadyStaged(AsyncStager):
+    """The state handed to async_save is in host memory already."""
+
+    _synchronize_after_execute = False
+
+    def stage(self, state_dict):
+        return state_dict
+
+    def synchronize_staging(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class AsyncSaver:
+    """One background checkpoint at a time under `root`."""
+
+    def __init__(self, root: Path, backend: Backend, keep: int | None):
+        self.root, self.backend, self.keep = root, backend, keep
+        # The write runs in another thread, outside the save's warning filters (which are
+        # per process, not per thread): the same library notes, silenced for the process.
+        for message in (
+            "torch.distributed is disabled",
+            "TypedStorage is deprecated",
+            "The function definition for SavePlanner",
+            "Using a non-tuple sequence for multidimensional indexing",
+        ):
+            warnings.filterwarnings("ignore", message=message)
+        self._pending: tuple[int, Future] | None = None
+        self._error: str | None = None
+        self._lock = threading.Lock()
+
+    def save(self, step: int, state: dict[str, Any], host_state: dict[str, Any]) -> Path:
+        """Stage `state` (the live tensors) in host memory and start writing it; returns the
+        folder the checkpoint will have once complete. Waits for the previous save first."""
+        self.wait()
+        final = checkpoint_dir(self.root, step)
+        tmp = self.root / f".{final.name}.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)  # a previous save that died half-way
+        started = time.perf_counter()
+        # The step's values, not a graph still running: staging reads them (XLA: transfers
+        # only, no compilation; a read while computations are in flight can fail).
+        self.backend.sync()
+        self.backend.wait_device_ops()
+        host = {"step": step, **host_state}  # the data position and RNG states of this step
+        staged = self.backend.stage_for_checkpoint(state)
+        with _quiet_library_warnings():
+            # The write runs in DCP's background thread, from the staged copy (which DCP's own
+            # stager would copy once more; it cannot read XLA tensors itself).
+            written = dcp.async_save(
+                staged,
+                storage_writer=dcp.FileSystemWriter(str(tmp), thread_count=WRITER_THREADS),
+                async_stager=_AlreadyStaged(),
+                # XLA: the planner that writes the staged shards (one item per shard).
+                planner=self.backend.checkpoint_planners()[0],
+                no_dist=True,
+            )
+        staged_s = time.perf_counter() - started
+        sealed: Future = Future()
+
+        def seal(write: Future) -> None:
+            try:
+                write.result()
+                host_file(tmp, 0).write_text(json.dumps(host) + "\n")
+                _check_all_written(tmp, state)
+                (tmp / COMPLETE).write_text(json.dumps({"step": step}) + "\n")
+                if final.exists():
+                    shutil.rmtree(final)
+                tmp.rename(final)
+                fsync_dir(self.root)
+                if self.keep is not None:
+                    for old in [p for p in step_dirs(self.root) if is_complete(p)][self.keep :]:
+                        shutil.rmtree(old, ignore_errors=True)
+                log.info(
+                    "checkpoint: step %d written to %s in the background (%.2f s after staging)",
+                    step,
+                    final,
+                    time.perf_counter() - started - staged_s,
+                )
+                sealed.set_result(final)
+            except BaseException as e:  # noqa: BLE001 - reported by the next wait
+                shutil.rmtree(tmp, ignore_errors=True)  # a partial checkpoint is of no use
+                sealed.set_exception(e)
+
+        written.add_done_callback(seal)
+        with self._lock:
+            self._pending = (step, sealed)
+        return final
+
+    def wait(self) -> None:
+        """Until the save in flight (if any) is complete; raises if it failed."""
+        with self._lock:
+            pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        step, sealed = pending
+        started = time.perf_counter()
+        try:
+            sealed.result()
+        except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException is one
+            # DCP's CheckpointException says only which ranks failed: name the first cause.
+            failures = getattr(e, "failures", None)
+            if isinstance(failures, dict) and failures:
+                cause = next(iter(failures.values()))
+                e = cause[0] if isinstance(cause, tuple) else cause
+            lines = str(e).strip().splitlines()
+            raise RuntimeError(
+                f"checkpoint of step {step} failed in the background: {type(e).__name__}: "
+                f"{lines[0] if lines else ''}"
+            ) from e
+        waited = time.perf_counter() - started
+        if waited > 0.01:
+            log.info("checkpoint: waited %.2f s for the write of step %d", waited, step)
