@@ -10,7 +10,7 @@ the end of the run and a SIGTERM stop wait for the one before.
 
 Single process only (one host): the staged copy holds every tensor whole, and the background
 thread would need a process group of its own to coordinate hosts. With several processes the
-trainer saves synchronously (async_save null) or refuses to start (async_save true).
+trainer refuses to start with async_save=true.
 """
 
 from __future__ import annotations
@@ -34,12 +34,15 @@ from trainers.checkpoint import (
     WRITER_THREADS,
     _check_all_written,
     _quiet_library_warnings,
+    _quiet_writer_threads,
     checkpoint_dir,
+    checkpoint_write_error,
     fsync_dir,
     host_file,
     is_complete,
     step_dirs,
 )
+from trainers.storage import describe_write_failure, os_error_in
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +76,7 @@ class AsyncSaver:
             "Using a non-tuple sequence for multidimensional indexing",
         ):
             warnings.filterwarnings("ignore", message=message)
-        self._pending: tuple[int, Future] | None = None
+        self._pending: tuple[int, Path, Future] | None = None
         self._error: str | None = None
         self._lock = threading.Lock()
 
@@ -90,6 +93,7 @@ class AsyncSaver:
         # only, no compilation; a read while computations are in flight can fail).
         self.backend.sync()
         self.backend.wait_device_ops()
+        _quiet_writer_threads()  # a failed write is reported once, by `wait`
         host = {"step": step, **host_state}  # the data position and RNG states of this step
         staged = self.backend.stage_for_checkpoint(state)
         with _quiet_library_warnings():
@@ -132,7 +136,7 @@ class AsyncSaver:
 
         written.add_done_callback(seal)
         with self._lock:
-            self._pending = (step, sealed)
+            self._pending = (step, tmp, sealed)
         return final
 
     def wait(self) -> None:
@@ -141,11 +145,14 @@ class AsyncSaver:
             pending, self._pending = self._pending, None
         if pending is None:
             return
-        step, sealed = pending
+        step, tmp, sealed = pending
         started = time.perf_counter()
         try:
             sealed.result()
         except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException is one
+            if os_error_in(e) is not None:  # a full disk, an I/O error: what is left, said
+                what = f"checkpoint of step {step} (written in the background)"
+                raise checkpoint_write_error(describe_write_failure(what, tmp, e), self.root) from e
             # DCP's CheckpointException says only which ranks failed: name the first cause.
             failures = getattr(e, "failures", None)
             if isinstance(failures, dict) and failures:

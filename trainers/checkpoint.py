@@ -180,8 +180,14 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)  # a partial checkpoint is of no use
     if not write_failed:
         raise RuntimeError(problem)
+    raise checkpoint_write_error(problem, root)
+
+
+def checkpoint_write_error(problem: str, root: Path) -> WriteFailed:
+    """The error of a checkpoint write that failed (a full disk, an I/O error) after its
+    partial folder was removed: what is left to resume from."""
     earlier = [p.name for p in step_dirs(root) if is_complete(p)]
-    raise WriteFailed(
+    return WriteFailed(
         f"{problem}. The partial folder was removed; "
         + (
             f"the earlier checkpoints ({', '.join(earlier)}) and metrics.jsonl are intact: "

@@ -73,11 +73,10 @@ class CheckpointManager:
         if cfg.async_save and not single:
             raise ConfigError(
                 f"trainer.checkpoint.async_save=true: asynchronous saves need a single process, "
-                f"this run has {processes}; set it to false or null (synchronous saves with "
+                f"this run has {processes}; set it to false (synchronous saves, as with "
                 "several processes)."
             )
-        use_async = single if cfg.async_save is None else cfg.async_save
-        self.async_saver = AsyncSaver(root, backend, cfg.keep) if use_async else None
+        self.async_saver = AsyncSaver(root, backend, cfg.keep) if cfg.async_save else None
         """Writes checkpoints in the background (trainer.checkpoint.async_save), or None."""
 
     def should_save(self, step: int, max_steps: int) -> bool:

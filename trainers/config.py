@@ -101,12 +101,12 @@ class CheckpointConfig:
     """Save once more when training ends."""
     keep: int | None = 3
     """Keep the newest `keep` complete checkpoints, deleting older ones (null: keep all)."""
-    async_save: bool | None = None
+    async_save: bool = False
     """Write checkpoints in the background while training goes on (trainers/async_checkpoint.py:
     the state is staged in host memory, COMPLETE written once the write finished, one save in
-    flight). null: on where that is safe, a single process; off with several processes, where
-    it is not implemented (true there is refused at start-up). false: the step loop waits for
-    every write."""
+    flight). Single process only (refused at start-up with several). Off by default until a
+    write in flight is proven against the fault-injection suite (a checkpoints folder deleted
+    between saves still leaves a background write's folder behind)."""
 
     def problems(self, key: str = "trainer.checkpoint") -> Problems:
         found = Problems()

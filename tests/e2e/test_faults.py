@@ -187,10 +187,13 @@ def test_read_only_folder_and_full_disk(tmp_path):
     with (
         mounted(tmp_path / "ro", "bind,ro") as ro,
         mounted(tmp_path / "disk", "size=16m", fstype="tmpfs") as disk,
+        mounted(tmp_path / "disk2", "size=16m", fstype="tmpfs") as disk2,
     ):
+        background = "trainer.checkpoint.async_save=true"
         cases = [
             {"name": "read_only", "args": [*command, f"output_dir={ro}/run"]},
             {"name": "disk_full", "args": [*command, f"output_dir={disk}/run"]},
+            {"name": "disk_full_async", "args": [*command, background, f"output_dir={disk2}/run"]},
             {
                 "name": "resumed_with_room",
                 "before": [["run", "mount", "-o", "remount,size=48m", str(disk)]],
@@ -198,7 +201,7 @@ def test_read_only_folder_and_full_disk(tmp_path):
             },
         ]
         before_resume = tmp_path / "metrics_before_resume.jsonl"
-        cases[2]["before"][:0] = [  # what the failed run left, before the resume changes it
+        cases[3]["before"][:0] = [  # what the failed run left, before the resume changes it
             ["run", "cp", str(disk / "run/metrics.jsonl"), str(before_resume)],
             ["run", "sh", "-c", f"ls -a {disk}/run/checkpoints > {tmp_path}/after_failure.txt"],
         ]
@@ -212,6 +215,10 @@ def test_read_only_folder_and_full_disk(tmp_path):
         assert "MiB free" in line and "step_00000002" in line and "trainer.resume=auto" in line
         after_failure = (tmp_path / "after_failure.txt").read_text().split()
         assert sorted(after_failure) == [".", "..", "step_00000002"]  # the partial one removed
+        # the same in the background: named when the run next waits for the write
+        line = refused(r["disk_full_async"], 1, str(disk2 / "run/checkpoints/.step_00000004.tmp"))
+        assert "No space left" in line and "step_00000002" in line
+        assert sorted(p.name for p in (disk2 / "run/checkpoints").iterdir()) == ["step_00000002"]
         first = read_jsonl(before_resume)
         assert [x["step"] for x in first] == [1, 2, 3, 4]
 
