@@ -144,6 +144,11 @@ def shrunken(
     if m.remat.offload_tensors:
         model.remat = dataclasses.replace(m.remat, offload_strict=False)
         notes.append("remat.offload_tensors: TPU only, so kept on the device here")
+    block = _round_up(min(cfg.data.block_size, SMALL_BLOCK), folded.shape["context"])
+    if m.loss_chunk_size is not None and m.loss_chunk_size >= block - 1:
+        # The shrunken rows are shorter than a chunk: cut them in 4 so the chunks still run.
+        model.loss_chunk_size = max(1, block // 4)
+        notes.append(f"model.loss_chunk_size: {model.loss_chunk_size} for the {block}-token rows")
     steps = cfg.dry_run_steps
     t = cfg.trainer
     data_ways = folded.size(BATCH_SPEC[0])
@@ -162,7 +167,6 @@ def shrunken(
         ),
         checkpoint=dataclasses.replace(t.checkpoint, interval=steps // 2, keep=None),
     )
-    block = _round_up(min(cfg.data.block_size, SMALL_BLOCK), folded.shape["context"])
     small = dataclasses.replace(
         cfg,
         backend=BackendName.xla,

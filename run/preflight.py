@@ -317,7 +317,7 @@ def _check_model(pre: Preflight) -> None:
         uses_bias=cfg.data.packing == "document",
     )
     pre.qkv_spec = problems.attempt(qkv_spec, m.sharding)
-    pre.model = model = problems.attempt(build_model, m, cfg.dtype.torch)
+    pre.model = model = problems.attempt(build_model, m, cfg.resolved_precision.params)
     if model is None:
         return
     if pre.mesh is not None:
@@ -330,6 +330,7 @@ def _check_model(pre: Preflight) -> None:
     )
     if pre.specs is not None and distributed:
         problems.attempt(check_dtensor_specs, model, m.sharding, pre.specs, pre.mesh)
+        problems.attempt(check_chunked_head, m.loss_chunk_size, pre.specs, pre.mesh)
     pre.activation_specs = problems.attempt(plan_activation_specs, model, m.sharding)
     problems.attempt(check_remat, model, m.remat)
     opt = cfg.trainer.optimizer
@@ -338,6 +339,19 @@ def _check_model(pre: Preflight) -> None:
         from models.hf import check_matches
 
         problems.attempt(check_matches, m, m.pretrained_path)
+
+
+def check_chunked_head(chunk: int | None, specs: dict[str, PartitionSpec], mesh: Mesh) -> None:
+    """The chunked loss multiplies by the head's weight itself: on torch.distributed a head
+    split over `tensor` is a DTensor that plain chunks cannot multiply (XLA partitions it)."""
+    spec = specs.get("lm_head.weight", ())
+    axes = {a for entry in spec if entry for a in ([entry] if isinstance(entry, str) else entry)}
+    if chunk is not None and "tensor" in axes and mesh.shape["tensor"] > 1:
+        raise ConfigError(
+            f"model.loss_chunk_size={chunk}: on the torch.distributed engine the chunked loss "
+            f"needs lm_head.weight off the tensor axis (its spec: {list(spec)}); set "
+            "model.loss_chunk_size=null, or run it on XLA."
+        )
 
 
 def _open_data(pre: Preflight) -> None:
@@ -358,8 +372,8 @@ def _plan(pre: Preflight) -> None:
     cfg = pre.cfg
     if pre.model is None or pre.specs is None or pre.mesh is None:
         return
-    state_dtype = cfg.trainer.optimizer.state_dtype
-    pre.plan = make_plan(pre.model, pre.specs, pre.mesh, state_dtype.torch if state_dtype else None)
+    precision = cfg.resolved_precision
+    pre.plan = make_plan(pre.model, pre.specs, pre.mesh, precision.optimizer_state)
     t = cfg.trainer
     if t.global_batch_size >= 1 and t.grad_accum_steps >= 1:
         rows = t.global_batch_size / t.grad_accum_steps / pre.mesh.size(BATCH_SPEC[0])
@@ -370,7 +384,7 @@ def _plan(pre: Preflight) -> None:
             pre.mesh,
             rows,
             cfg.data.block_size,
-            cfg.dtype.torch.itemsize,
+            precision.compute.itemsize,  # activations are in the compute dtype
             layer,
         )
     hbm = target_hbm(cfg, pre.devices)
@@ -392,7 +406,7 @@ def target_hbm(cfg: TrainConfig, devices: Devices) -> tuple[float, str] | None:
 def describe_activations(a: ActivationEstimate) -> str:
     text = (
         f"{format_bytes(a.kept_bytes)} kept for backward + {format_bytes(a.working_bytes)} for "
-        "one layer and the logits"
+        f"one layer and the logits ({format_bytes(a.logits_bytes)})"
     )
     if a.host_bytes:
         text += f", {format_bytes(a.host_bytes)} offloaded to host memory"

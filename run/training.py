@@ -26,6 +26,7 @@ from run.preflight import Devices, Preflight, preflight
 from torchprime.attention import TPU_KERNELS, KernelPlacement, place_kernels
 from torchprime.backend.base import Backend
 from torchprime.materialize import materialize
+from torchprime.precision import autocast_forward
 from torchprime.rewriting import apply_rewriting
 from torchprime.sharding import replicated, shard_activations
 from train_config import TrainConfig
@@ -100,7 +101,9 @@ def build_trainer(
     else:
         materialize(model, pre.specs, mesh, backend, model.init_module_weights, generator)
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("model: %s, %.2fM parameters, %s", cfg.model.name, n_params / 1e6, cfg.dtype)
+    precision = cfg.resolved_precision
+    log.info("model: %s, %.2fM parameters", cfg.model.name, n_params / 1e6)
+    log.info("precision: %s", precision.describe())
     if backend.is_xla:
         shard_activations(model, pre.activation_specs, mesh, backend)
         if left := replicated(pre.specs):
@@ -108,6 +111,7 @@ def build_trainer(
                 "sharding: %d parameters replicated (no pattern): %s", len(left), ", ".join(left)
             )
     apply_rewriting(model, cfg.model.remat, backend)
+    autocast_forward(model, precision, backend.device.type)
     if cfg.model.attention_kernel in TPU_KERNELS:
         place_kernels(model, KernelPlacement(backend, mesh, pre.qkv_spec))
 
@@ -127,6 +131,7 @@ def build_trainer(
         flops_per_token=model_flops_per_token(model, cfg.data.block_size),
         peak_flops=peak_flops(backend.device_kind, cfg.trainer.peak_flops_per_device),
         sinks=sinks,
+        optimizer_state_dtype=precision.optimizer_state,
         callbacks=[
             StepProfiler(cfg.profile, backend, output_dir),
             GraphDumper(cfg.debug, backend, output_dir),
