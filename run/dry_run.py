@@ -285,7 +285,7 @@ def audit_shrunken(small: TrainConfig, mesh: Mesh, dump: Path, log: Path, r: Dry
         r.audit_notes.append(f"no partitioned module in {dump}: the collectives were not audited")
         return
     m = small.model
-    meta = build_model(m, small.dtype.torch)
+    meta = build_model(m, small.resolved_precision.params)
     plan = make_plan(meta, plan_parameter_specs(meta, m.sharding, mesh), mesh)
     log_text = log.read_text(errors="replace") if log.exists() else ""
     try:
