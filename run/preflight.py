@@ -23,7 +23,7 @@ from data.tokenizers import Tokenizer, build_tokenizer
 from models import build_model
 from models.memory import ActivationEstimate, estimate_activations
 from optimizers.groups import param_groups
-from torchprime.attention import check_attention_kernel
+from torchprime.attention import TPU_KERNELS, check_attention_kernel
 from torchprime.backend.base import Backend
 from torchprime.chips import CHIPS, Chip, chip_of
 from torchprime.context import context_problems, context_size, splits_sequence
@@ -199,8 +199,12 @@ def check_no_previous_run(output_dir: Path, resume: str = "never") -> None:
     (trainer.resume=auto or a checkpoint: the run continues in place)."""
     if resume != "never":
         return
+    metrics, checkpoints = output_dir / "metrics.jsonl", output_dir / "checkpoints"
+    # An empty metrics.jsonl is what a run that failed before its first step left behind.
     found = [
-        p.name for p in (output_dir / "metrics.jsonl", output_dir / "checkpoints") if p.exists()
+        p.name
+        for p in (metrics, checkpoints)
+        if p.exists() and not (p == metrics and p.is_file() and p.stat().st_size == 0)
     ]
     if found:
         raise ConfigError(
@@ -441,6 +445,8 @@ def step_shape(cfg: TrainConfig, model: nn.Module) -> StepShape:
         layers=m.num_hidden_layers,
         hidden=m.hidden_size,
         kv_dim=m.num_key_value_heads * m.resolved_head_dim,
+        q_dim=m.num_attention_heads * m.resolved_head_dim,
+        heads_over_context=m.attention_kernel in TPU_KERNELS,
         activation_bytes=cfg.resolved_precision.compute.itemsize,
         rematerialized=layer in m.remat.activation_checkpoint_layers
         or bool(m.remat.scan_layers and m.remat.offload_tensors),

@@ -68,7 +68,10 @@ def run_training(
         # The runtime's compile, transfer and execution counters: the first thing to read when
         # a run is slower than expected.
         if (report := backend.metrics_report()) is not None:
-            (output_dir / f"xla_metrics_{backend.process_index:05d}.txt").write_text(report)
+            try:
+                (output_dir / f"xla_metrics_{backend.process_index:05d}.txt").write_text(report)
+            except OSError as e:  # a full disk: the run's own error says so
+                log.warning("the XLA metrics report was not written: %s", e)
         if cfg.debug.dump_hlo and not backend.device_kind.startswith("TPU"):
             prune_compiler_dumps(hlo_dir(output_dir) / "xla")
 

@@ -13,7 +13,8 @@ Per device and per step it counts
   weights replicated over a data-parallel axis; tensor parallelism's all-reduces of each
   layer's [tokens, hidden] activations (2 in the forward, 2 in the backward, 2 more when
   rematerialized); context parallelism's all-gathers of keys and values (and reduce-scatters
-  of their gradients).
+  of their gradients), or with the Pallas kernels, which split heads over `context` instead,
+  the all-to-alls that swap q, k, v to heads and the output back.
 Ring collectives: an all-gather or reduce-scatter over n devices moves (n-1)/n of the full
 tensor into each device, an all-reduce twice that; an axis spanning slices runs its ring inside
 each slice over ICI first, then across slices over DCN on 1/ici of the bytes.
@@ -51,6 +52,10 @@ class StepShape:
     hidden: int
     kv_dim: int
     """Key (and value) width per token: kv heads × head dim."""
+    q_dim: int
+    """Query (and attention output) width per token: heads × head dim."""
+    heads_over_context: bool
+    """Attention splits heads, not the sequence, over `context` (the Pallas kernels)."""
     activation_bytes: int
     """Bytes of one activation element (the compute dtype)."""
     rematerialized: bool
@@ -189,11 +194,22 @@ def predict_step(plan: ShardingPlan, shape: StepShape, chip: Chip) -> StepModel:
     tp_count = (6 if shape.rematerialized else 4) * per_layer
     what = "layer outputs [tokens, hidden]"
     _add(model, mesh, "all-reduce", ("tensor",), what, tp_count, tp_count * activation, 2)
-    kv = local_tokens * mesh.shape["context"] * 2 * shape.kv_dim * shape.activation_bytes
-    kv_gathers = (2 if shape.rematerialized else 1) * per_layer
-    _add(model, mesh, "all-gather", ("context",), "keys and values", kv_gathers, kv_gathers * kv)
-    what = "key and value gradients"
-    _add(model, mesh, "reduce-scatter", ("context",), what, per_layer, per_layer * kv)
+    passes = 2 if shape.rematerialized else 1  # forward passes through attention
+    if shape.heads_over_context:
+        # Sequence-split q, k, v swapped for head-split ones and the output back (all-to-all),
+        # in each forward pass and again for their gradients.
+        # An all-to-all sends (n-1)/n of what the device holds: its tokens, all heads.
+        qkvo = local_tokens * (2 * shape.q_dim + 2 * shape.kv_dim)
+        swaps = (passes + 1) * per_layer
+        what = "q, k, v to heads and the output back"
+        _add(model, mesh, "all-to-all", ("context",), what, 4 * swaps,
+             swaps * qkvo * shape.activation_bytes)  # fmt: skip
+    else:
+        kv = local_tokens * mesh.shape["context"] * 2 * shape.kv_dim * shape.activation_bytes
+        gathers = passes * per_layer
+        _add(model, mesh, "all-gather", ("context",), "keys and values", gathers, gathers * kv)
+        what = "key and value gradients"
+        _add(model, mesh, "reduce-scatter", ("context",), what, per_layer, per_layer * kv)
 
     model.tokens_per_device = shape.tokens_per_step / n
     model.model_flops = shape.model_flops_per_token * model.tokens_per_device

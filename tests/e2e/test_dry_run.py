@@ -31,6 +31,18 @@ PRESETS = [
 ]
 
 
+#: What the step model finds in a preset's shrunken step (the 32k preset's loss and its
+#: sequence split: the labels broadcast against the vocabulary are replicated whole, and
+#: the layers' outputs are gathered back over context), known and left for the
+#: context-parallel work to remove.
+FLAGGED = {
+    "llama3_8b_32k_v5p_128": (
+        "is all-gathered on its sequence dimension over context",
+        "involuntary full rematerialization: a broadcast",
+    ),
+}
+
+
 @requires_xla
 @pytest.mark.parametrize("preset, devices, params, plan_mesh, run_mesh", PRESETS)
 def test_pod_presets_pass_their_dry_run(tmp_path, preset, devices, params, plan_mesh, run_mesh):
@@ -46,10 +58,17 @@ def test_pod_presets_pass_their_dry_run(tmp_path, preset, devices, params, plan_
     # the step model: the shrunken step's collectives, the real step's roofline
     assert "all-gather         fsdp" in report and "reduce-scatter     fsdp" in report
     assert "step model (roofline, per device per step" in report and "compute-bound" in report
-    assert "no flags: every collective fits the layout" in report
-    assert report.rstrip().endswith("verdict: no problem found; run it on the pod")
     model = json.loads((tmp_path / "dry_run" / "step_model.json").read_text())
-    assert 0.45 < model["step_model"]["mfu_bound"] < 1 and model["audit"]["flags"] == []
+    assert 0.45 < model["step_model"]["mfu_bound"] < 1
+    flags = FLAGGED.get(preset, ())
+    for flag in flags:
+        assert flag in report, flag
+    if flags:  # advice: the dry run still passes
+        assert f"read the {len(model['audit']['flags'])} step-model flag(s)" in report
+    else:
+        assert "no flags: every collective fits the layout" in report
+        assert report.rstrip().endswith("verdict: no problem found; run it on the pod")
+        assert model["audit"]["flags"] == []
     if devices < 64:
         assert f"folded to {run_mesh.removeprefix('mesh ')} ({devices} virtual devices)" in report
     # the steps, the checkpoints and the restore happened, in the dry run's own folder

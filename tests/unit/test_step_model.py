@@ -63,6 +63,23 @@ def test_tensor_parallelism_all_reduces_each_layers_outputs_in_and_out():
     assert tp.count == 6 * layers  # 2 forward, 2 backward, 2 in the recomputed forward
 
 
+def test_context_parallelism_with_splash_swaps_sequence_for_heads_in_each_layer():
+    cfg = composed("+config=llama3_8b_32k_v5p_128")
+    _, m = step_model_of("+config=llama3_8b_32k_v5p_128")
+    swaps = traffic(m, "all-to-all", ("context",))
+    passes = 3  # forward, recomputed forward, backward
+    layers, micro = cfg.model.num_hidden_layers, cfg.trainer.grad_accum_steps
+    assert swaps.count == 4 * passes * layers * micro  # q, k, v in and the output out
+    c, fsdp, mod = cfg.ici_mesh.context, cfg.ici_mesh.fsdp, cfg.model
+    tokens = cfg.trainer.global_batch_size * cfg.data.block_size / micro / fsdp / c  # a device's
+    width = 2 * mod.num_attention_heads * mod.resolved_head_dim + 2 * mod.num_key_value_heads * (
+        mod.resolved_head_dim
+    )
+    # each all-to-all sends (c-1)/c of a device's tokens, all heads, in bfloat16
+    assert swaps.ici_bytes == pytest.approx(swaps.count / 4 * tokens * width * 2 * (c - 1) / c)
+    assert not any(t.axes == ("context",) and t.kind == "all-gather" for t in m.traffic)
+
+
 def test_axes_over_slices_cross_dcn_and_a_chip_without_its_figure_is_said():
     _, m = step_model_of("+config=llama3_8b_v6e_256", "ici_mesh.fsdp=128", "dcn_mesh.data=2")
     reduce = traffic(m, "all-reduce", ("data",))  # weights replicated over data: gradients
