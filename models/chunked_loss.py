@@ -45,6 +45,13 @@ def _chunk_logits(h: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch
     return torch.matmul(h.to(dtype), w.to(dtype).t()).float()
 
 
+def _is_target(targets: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """[B, C, V] booleans, true at each position's target: elementwise, so a vocabulary or
+    batch split over devices stays split (a gather or scatter by index would be gathered)."""
+    vocab = torch.arange(logits.shape[-1], device=logits.device)
+    return vocab == targets[..., None]
+
+
 def _barrier(barrier: Barrier | None, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     if barrier is None:
         return tensors
@@ -64,7 +71,7 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
                 logits = _chunk_logits(h, weight, dtype)  # [B, C, V]
                 t = targets[:, s:e]
                 real = t != IGNORE_INDEX
-                picked = logits.gather(-1, t.clamp(min=0)[..., None])[..., 0]
+                picked = torch.where(_is_target(t, logits), logits, 0.0).sum(-1)
                 lse = torch.logsumexp(logits, dim=-1)
                 total = total + torch.where(real, lse - picked, 0.0).sum()
         ctx.save_for_backward(hidden, weight, targets)
@@ -84,10 +91,7 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
                 t = targets[:, s:e]
                 real = (t != IGNORE_INDEX)[..., None]
                 # d(lse - logit[target]) / d logits = softmax - one_hot(target)
-                dlogits = torch.softmax(logits, dim=-1)
-                target = t.clamp(min=0)[..., None]
-                minus_one = torch.full(target.shape, -1.0, dtype=torch.float32, device=h.device)
-                dlogits = dlogits.scatter_add(-1, target, minus_one)
+                dlogits = torch.softmax(logits, dim=-1) - _is_target(t, logits).float()
                 dlogits = (torch.where(real, dlogits, 0.0) * grad_total).to(dtype)  # [B, C, V]
                 grad_hidden.append(torch.matmul(dlogits, weight.to(dtype)).to(hidden.dtype))
                 flat_d = dlogits.reshape(-1, dlogits.shape[-1])
