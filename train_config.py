@@ -21,6 +21,7 @@ from torchprime.chips import ChipName
 from torchprime.dtypes import DType
 from torchprime.errors import Problems
 from torchprime.mesh import MeshAxesConfig
+from torchprime.precision import Precision, PrecisionConfig, resolve
 from trainers.config import DebugConfig, ProfileConfig, TrainerConfig, WandbConfig
 
 #: torch_xla 2.9 trains on up to 64 virtual CPU devices; at 128 its autograd engine asserts.
@@ -65,8 +66,11 @@ class TrainConfig:
     cpu_devices: int | None = None
     """Virtual devices for XLA on the CPU (CPU_NUM_DEVICES); null: as many as the mesh has.
     Ignored on TPU, where the chips are counted."""
-    dtype: DType = DType.float32
-    """Model parameter dtype: float32 or bfloat16."""
+    dtype: DType | None = None
+    """Shorthand for precision.params and precision.compute both (one dtype for everything);
+    null: the precision block alone. Not to be combined with those two keys."""
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    """The dtypes of the parameters, the compute and the optimizer state."""
     ici_mesh: MeshAxesConfig = field(default_factory=lambda: MeshAxesConfig(fsdp=4))
     """Mesh axes inside a slice (fast interconnect)."""
     dcn_mesh: MeshAxesConfig = field(default_factory=MeshAxesConfig)
@@ -99,6 +103,11 @@ class TrainConfig:
     """A profiler trace of a few steps (off by default)."""
     debug: DebugConfig = field(default_factory=DebugConfig)
 
+    @property
+    def resolved_precision(self) -> Precision:
+        """The precision policy, with the `dtype` shorthand applied."""
+        return resolve(self.precision, self.dtype)
+
     def problems(self) -> Problems:
         """Every problem the keys show, alone or between them, without a model or a device."""
         found = Problems()
@@ -119,6 +128,20 @@ class TrainConfig:
         found += self.ici_mesh.problems("ici_mesh", allow_fill=True)
         found += self.dcn_mesh.problems("dcn_mesh", allow_fill=False)
         found += self.target.problems()
+        found += self.precision.problems()
+        p = self.precision
+        found.check(
+            self.dtype is None or (p.params == DType.float32 and p.compute is None),
+            f"dtype={self.dtype} is a shorthand for precision.params and precision.compute, "
+            f"which are set too (precision.params={p.params}, precision.compute={p.compute}): "
+            "give one or the other.",
+        )
+        found.check(
+            self.trainer.optimizer.state_dtype is None,
+            f"trainer.optimizer.state_dtype={self.trainer.optimizer.state_dtype} has moved: "
+            f"write precision.optimizer_state={self.trainer.optimizer.state_dtype} (with "
+            "precision.params and precision.compute for the other dtypes).",
+        )
         found += self.model.problems()
         found += self.data.problems()
         found += self.trainer.problems()

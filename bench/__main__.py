@@ -32,6 +32,8 @@ PARTS: dict[str, list[str]] = {
     "compiled": ["bench.hf_compare", "compiled"],
     "xla": ["bench.hf_compare", "xla"],
     "remat": ["bench.remat_memory"],
+    "loss_memory": ["bench.loss_memory"],
+    "precision_speed": ["bench.precision_speed"],
     # Depths 4 and 8 keep the whole run under 20 minutes; depth 16 adds about 5.
     "compile_scan": ["bench.compile_scan", "--depths", "4", "8", "--steps", "3"],
     "data_pipeline": ["bench.data_pipeline", "--seconds", "2"],
@@ -222,6 +224,57 @@ def remat_md(r: dict[str, Any]) -> str:
     )
 
 
+def loss_memory_md(r: dict[str, Any]) -> str:
+    rows = [
+        [
+            name,
+            f"{v['baseline_mib']:,.0f}",
+            f"{v['forward_mib']:,.0f}",
+            f"{v['step_mib']:,.0f}",
+            f"{v['first_loss']:.5f}",
+        ]
+        for name, v in r["variants"].items()
+    ]
+    verdict = "met" if r["step_ratio"] >= 3.0 else "missed"
+    return "\n".join(
+        [
+            _table(
+                [
+                    "loss",
+                    "baseline MiB",
+                    "forward peak above it MiB",
+                    "step peak above it MiB",
+                    "first loss",
+                ],
+                rows,
+                "lrrrr",
+            ),
+            "",
+            f"Step peak above the baseline, whole / chunks of {r['chunk']}: "
+            f"**{r['step_ratio']:.2f}×** (target ≥ 3×: {verdict}); the forward's: "
+            f"{r['forward_ratio']:.2f}×.",
+        ]
+    )
+
+
+def precision_speed_md(r: dict[str, Any]) -> str:
+    rows = [
+        [
+            setup,
+            f"{v['float32']['tokens_per_s']:,.0f}",
+            f"{v['bfloat16']['tokens_per_s']:,.0f}",
+            f"{v['bf16_over_fp32']:.2f}×",
+            f"{v['float32']['loss']:.4f} / {v['bfloat16']['loss']:.4f}",
+        ]
+        for setup, v in r["setups"].items()
+    ]
+    return _table(
+        ["setup", "float32 tokens/s", "bfloat16 tokens/s", "bf16 / fp32", "last loss fp32 / bf16"],
+        rows,
+        "lrrrr",
+    )
+
+
 def compile_scan_md(r: dict[str, Any]) -> str:
     rows = [
         [
@@ -326,6 +379,8 @@ SECTIONS: dict[str, tuple[tuple[str, ...], Callable[..., str]]] = {
     "side_by_side": (("eager", "compiled", "xla"), side_by_side_md),
     "mfu": (("eager", "compiled"), mfu_md),
     "remat": (("remat",), remat_md),
+    "loss_memory": (("loss_memory",), loss_memory_md),
+    "precision_speed": (("precision_speed",), precision_speed_md),
     "compile_scan": (("compile_scan",), compile_scan_md),
     "data_pipeline": (("data_pipeline",), data_pipeline_md),
     "distributed": (("distributed",), distributed_md),

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.chunked_loss import IGNORE_INDEX, Barrier, chunked_cross_entropy
 from models.masks import allowed_keys
 from torchprime.attention import AttentionKernel, KernelPlacement, tpu_attention
 from torchprime.errors import Problems
@@ -24,8 +25,6 @@ from torchprime.sharding import ShardingConfig
 
 if TYPE_CHECKING:
     from torchprime.context import SequenceLayout
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -91,6 +90,12 @@ class LlamaConfig:
     """With labels, leave out the last position (it predicts nothing) before the LM head, so
     the [batch, sequence, vocab] logits are never made for it: the same loss, and logits of
     sequence - 1 positions. false: logits for every position, as HF returns them."""
+    loss_chunk_size: int | None = None
+    """With labels, compute the LM head and the loss this many positions at a time (every row
+    in each chunk; the last chunk holds the remainder when it does not divide the positions),
+    recomputing each chunk's logits in backward: at most one chunk's [rows, chunk, vocab]
+    logits exist instead of the whole sequence's (models/chunked_loss.py). The same loss and
+    gradients; the output has no logits. null: the whole sequence at once."""
     pretrained_path: str | None = None
     """An HF Llama folder (config.json + safetensors) to start from instead of a random init;
     its architecture must match this config."""
@@ -133,6 +138,10 @@ class LlamaConfig:
         found.check(
             self.resolved_head_dim % 2 == 0,
             f"{key}: head_dim={self.resolved_head_dim} must be even for RoPE.",
+        )
+        found.check(
+            self.loss_chunk_size is None or self.loss_chunk_size >= 1,
+            f"{key}.loss_chunk_size={self.loss_chunk_size}: must be at least 1 (or null: off).",
         )
         if self.rope_scaling is not None:
             found.check(
@@ -207,7 +216,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + rotate_half(x) * sin
+    # In x's dtype: under autocast (precision.compute) x is a bfloat16 projection and the
+    # tables float32; queries, keys and values must agree for attention.
+    return (x * cos + rotate_half(x) * sin).to(x.dtype)
 
 
 class LlamaAttention(nn.Module):
@@ -412,8 +423,8 @@ class LlamaModel(nn.Module):
 
 @dataclass
 class CausalLMOutput:
-    logits: torch.Tensor
-    """[B, T, vocab]"""
+    logits: torch.Tensor | None
+    """[B, T, vocab]; None when the loss was computed in chunks (model.loss_chunk_size)."""
     loss: torch.Tensor | None
     """Mean cross-entropy over the tokens with a label; None without labels."""
 
@@ -421,6 +432,9 @@ class CausalLMOutput:
 class LlamaForCausalLM(nn.Module):
     offload_names = ("decoder_input", "q_proj", "k_proj", "v_proj", "attention_output", "mlp_input")
     """Activations marked for `model.remat.offload_tensors` (torchprime.offload), per layer."""
+    loss_barrier: Barrier | None = None
+    """The backend's optimization barrier for the chunked loss, set from outside
+    (torchprime.rewriting): on XLA it keeps the chunks apart (models/chunked_loss.py)."""
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -493,11 +507,24 @@ class LlamaForCausalLM(nn.Module):
         hidden = self.model(
             input_ids, position_ids, segment_ids, token_index, attention_bias
         )  # [B, T, E]
+        chunk = self.config.loss_chunk_size
         if targets is not None:
+            if chunk is not None:
+                loss = chunked_cross_entropy(
+                    hidden, self.lm_head.weight, targets, chunk, self.loss_barrier
+                )
+                return CausalLMOutput(logits=None, loss=loss)
             logits = self.lm_head(hidden)
             return CausalLMOutput(logits=logits, loss=cross_entropy(logits, targets))
         if labels is None:
             return CausalLMOutput(logits=self.lm_head(hidden), loss=None)
+        if chunk is not None:
+            # The last position predicts nothing: left out whatever shift_before_head says, as
+            # no logits are returned to keep it for.
+            loss = chunked_cross_entropy(
+                hidden[:, :-1], self.lm_head.weight, labels[:, 1:], chunk, self.loss_barrier
+            )
+            return CausalLMOutput(logits=None, loss=loss)
         if self.config.shift_before_head:
             logits = self.lm_head(hidden[:, :-1])  # [B, T-1, vocab]: position t predicts t+1
             loss = cross_entropy(logits, labels[:, 1:])

@@ -4,7 +4,8 @@ Counted per token and layer: the tensors autograd keeps for the backward pass (t
 every norm, projection and nonlinearity, RoPE's outputs, the attention output, and with
 attention written out, its probabilities [heads × sequence]); with remat only each layer's
 input is kept, plus one layer's worth while it is recomputed; offloaded activations are kept
-on the host instead. Then the logits, in the model's dtype and as float32 for the loss.
+on the host instead. Then the logits, in the model's dtype and as float32 for the loss: of the
+whole sequence, or of one chunk of model.loss_chunk_size positions (models/chunked_loss.py).
 
 With the sequence split over `context` (context parallelism, torchprime/context.py) a device
 holds T / N tokens of each of its rows, so every per-token term falls N-fold; what does not is
@@ -41,6 +42,8 @@ class ActivationEstimate:
     """Offloaded to host memory (per device)."""
     tokens: int
     """Tokens of one micro-batch on one device."""
+    logits_bytes: int = 0
+    """Of `working_bytes`, the logits alive at once (one chunk's with model.loss_chunk_size)."""
 
     @property
     def device_bytes(self) -> int:
@@ -117,5 +120,8 @@ def estimate_activations(
     else:
         host, device_kept, working = 0, layer * layers, layer_mask
     vocab = cfg.vocab_size / tensor  # the LM head's output split over tensor, as in fsdp_tp
-    logits = tokens * vocab * (dtype_bytes + LOSS_BYTES)
-    return ActivationEstimate(int(device_kept), int(working + logits), int(host), tokens)
+    logit_tokens = tokens
+    if cfg.loss_chunk_size is not None:  # one chunk of positions of every row at a time
+        logit_tokens = min(tokens, int(rows_per_device * cfg.loss_chunk_size / sequence_split))
+    logits = int(logit_tokens * vocab * (dtype_bytes + LOSS_BYTES))
+    return ActivationEstimate(int(device_kept), int(working + logits), int(host), tokens, logits)

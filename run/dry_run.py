@@ -173,6 +173,13 @@ def shrunken(
     if m.remat.offload_tensors:
         model.remat = dataclasses.replace(m.remat, offload_strict=False)
         notes.append("remat.offload_tensors: TPU only, so kept on the device here")
+    # the row splits over context (into 2N chunks with load balancing)
+    chunks = folded.shape["context"] * (2 if m.load_balance_context else 1)
+    block = _round_up(min(cfg.data.block_size, SMALL_BLOCK), chunks)
+    if m.loss_chunk_size is not None and m.loss_chunk_size >= block - 1:
+        # The shrunken rows are shorter than a chunk: cut them in 4 so the chunks still run.
+        model.loss_chunk_size = max(1, block // 4)
+        notes.append(f"model.loss_chunk_size: {model.loss_chunk_size} for the {block}-token rows")
     steps = cfg.dry_run_steps
     t = cfg.trainer
     data_ways = folded.size(BATCH_SPEC[0])
@@ -191,9 +198,6 @@ def shrunken(
         ),
         checkpoint=dataclasses.replace(t.checkpoint, interval=steps // 2, keep=None),
     )
-    # the row splits over context (into 2N chunks with load balancing)
-    chunks = folded.shape["context"] * (2 if m.load_balance_context else 1)
-    block = _round_up(min(cfg.data.block_size, SMALL_BLOCK), chunks)
     small = dataclasses.replace(
         cfg,
         backend=BackendName.xla,
@@ -281,7 +285,7 @@ def audit_shrunken(small: TrainConfig, mesh: Mesh, dump: Path, log: Path, r: Dry
         r.audit_notes.append(f"no partitioned module in {dump}: the collectives were not audited")
         return
     m = small.model
-    meta = build_model(m, small.dtype.torch)
+    meta = build_model(m, small.resolved_precision.params)
     plan = make_plan(meta, plan_parameter_specs(meta, m.sharding, mesh), mesh)
     log_text = log.read_text(errors="replace") if log.exists() else ""
     try:

@@ -329,7 +329,7 @@ def _check_model(pre: Preflight) -> None:
         uses_bias=False,  # document packing hands the kernels segment ids, not a bias
     )
     pre.qkv_spec = problems.attempt(qkv_spec, m.sharding)
-    pre.model = model = problems.attempt(build_model, m, cfg.dtype.torch)
+    pre.model = model = problems.attempt(build_model, m, cfg.resolved_precision.params)
     if model is None:
         return
     if pre.mesh is not None:
@@ -342,6 +342,7 @@ def _check_model(pre: Preflight) -> None:
     )
     if pre.specs is not None and distributed:
         problems.attempt(check_dtensor_specs, model, m.sharding, pre.specs, pre.mesh)
+        problems.attempt(check_chunked_head, m.loss_chunk_size, pre.specs, pre.mesh)
     pre.activation_specs = problems.attempt(plan_activation_specs, model, m.sharding)
     _check_context(pre)
     problems.attempt(check_remat, model, m.remat)
@@ -351,6 +352,19 @@ def _check_model(pre: Preflight) -> None:
         from models.hf import check_matches
 
         problems.attempt(check_matches, m, m.pretrained_path)
+
+
+def check_chunked_head(chunk: int | None, specs: dict[str, PartitionSpec], mesh: Mesh) -> None:
+    """The chunked loss multiplies by the head's weight itself: on torch.distributed a head
+    split over `tensor` is a DTensor that plain chunks cannot multiply (XLA partitions it)."""
+    spec = specs.get("lm_head.weight", ())
+    axes = {a for entry in spec if entry for a in ([entry] if isinstance(entry, str) else entry)}
+    if chunk is not None and "tensor" in axes and mesh.shape["tensor"] > 1:
+        raise ConfigError(
+            f"model.loss_chunk_size={chunk}: on the torch.distributed engine the chunked loss "
+            f"needs lm_head.weight off the tensor axis (its spec: {list(spec)}); set "
+            "model.loss_chunk_size=null, or run it on XLA."
+        )
 
 
 def _check_context(pre: Preflight) -> None:
@@ -395,8 +409,8 @@ def _plan(pre: Preflight) -> None:
     cfg = pre.cfg
     if pre.model is None or pre.specs is None or pre.mesh is None:
         return
-    state_dtype = cfg.trainer.optimizer.state_dtype
-    pre.plan = make_plan(pre.model, pre.specs, pre.mesh, state_dtype.torch if state_dtype else None)
+    precision = cfg.resolved_precision
+    pre.plan = make_plan(pre.model, pre.specs, pre.mesh, precision.optimizer_state)
     t = cfg.trainer
     if t.global_batch_size >= 1 and t.grad_accum_steps >= 1:
         rows = t.global_batch_size / t.grad_accum_steps / pre.mesh.size(BATCH_SPEC[0])
@@ -407,7 +421,7 @@ def _plan(pre: Preflight) -> None:
             pre.mesh,
             rows,
             cfg.data.block_size,
-            cfg.dtype.torch.itemsize,
+            precision.compute.itemsize,  # activations are in the compute dtype
             layer,
             sequence_split=pre.sequence_split,
             segment_ids=cfg.data.packing == "document",
@@ -433,7 +447,7 @@ def step_shape(cfg: TrainConfig, model: nn.Module) -> StepShape:
         kv_dim=m.num_key_value_heads * m.resolved_head_dim,
         q_dim=m.num_attention_heads * m.resolved_head_dim,
         heads_over_context=m.attention_kernel in TPU_KERNELS,
-        activation_bytes=cfg.dtype.torch.itemsize,
+        activation_bytes=cfg.resolved_precision.compute.itemsize,
         rematerialized=layer in m.remat.activation_checkpoint_layers
         or bool(m.remat.scan_layers and m.remat.offload_tensors),
     )
@@ -452,7 +466,7 @@ def target_hbm(cfg: TrainConfig, devices: Devices) -> tuple[float, str] | None:
 def describe_activations(a: ActivationEstimate) -> str:
     text = (
         f"{format_bytes(a.kept_bytes)} kept for backward + {format_bytes(a.working_bytes)} for "
-        "one layer and the logits"
+        f"one layer and the logits ({format_bytes(a.logits_bytes)})"
     )
     if a.host_bytes:
         text += f", {format_bytes(a.host_bytes)} offloaded to host memory"

@@ -29,6 +29,7 @@ from torchprime.attention import TPU_KERNELS, KernelPlacement, place_kernels
 from torchprime.backend.base import Backend
 from torchprime.context import SequenceLayout, context_size, place_sequence_layout
 from torchprime.materialize import materialize
+from torchprime.precision import autocast_forward
 from torchprime.rewriting import apply_rewriting
 from torchprime.sharding import replicated, shard_activations
 from train_config import TrainConfig
@@ -94,6 +95,7 @@ def build_trainer(
     """Steps 2 to 4 of this module's story, for a pre-flight without problems."""
     cfg, mesh = pre.cfg, pre.mesh
     model = place_model(pre, backend)
+    precision = cfg.resolved_precision
 
     sinks = []
     if cfg.wandb.enabled and is_coordinator():
@@ -111,6 +113,7 @@ def build_trainer(
         flops_per_token=model_flops_per_token(model, cfg.data.block_size),
         peak_flops=peak_flops(backend.device_kind, cfg.trainer.peak_flops_per_device),
         sinks=sinks,
+        optimizer_state_dtype=precision.optimizer_state,
         callbacks=[
             StepProfiler(cfg.profile, backend, output_dir),
             GraphDumper(cfg.debug, backend, output_dir),
@@ -138,7 +141,9 @@ def place_model(pre: Preflight, backend: Backend) -> nn.Module:
     else:
         materialize(model, pre.specs, mesh, backend, model.init_module_weights, generator)
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("model: %s, %.2fM parameters, %s", cfg.model.name, n_params / 1e6, cfg.dtype)
+    precision = cfg.resolved_precision
+    log.info("model: %s, %.2fM parameters", cfg.model.name, n_params / 1e6)
+    log.info("precision: %s", precision.describe())
     if backend.is_xla:
         shard_activations(model, pre.activation_specs, mesh, backend)
         if left := replicated(pre.specs):
@@ -148,6 +153,7 @@ def place_model(pre: Preflight, backend: Backend) -> nn.Module:
     if context_size(mesh) > 1 and cfg.model.attention_kernel not in TPU_KERNELS:
         place_sequence_layout(model, SequenceLayout(backend, mesh))
     apply_rewriting(model, cfg.model.remat, backend)
+    autocast_forward(model, precision, backend.device.type)
     if cfg.model.attention_kernel in TPU_KERNELS:
         place_kernels(model, KernelPlacement(backend, mesh, pre.qkv_spec))
     return model

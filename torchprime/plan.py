@@ -108,7 +108,7 @@ def fit_verdict(
             f"DOES NOT FIT: parameters + gradients + optimizer state need {format_bytes(used)} "
             f"per device, more than the {format_bytes(hbm_bytes)} of {where} "
             f"({used / hbm_bytes:.0%}). Shard wider (more fsdp or tensor), use bfloat16 "
-            "parameters or trainer.optimizer.state_dtype=bfloat16, or a larger chip.",
+            "parameters or precision.optimizer_state=bfloat16, or a larger chip.",
         )
     if activation_bytes is None:
         return FitVerdict(

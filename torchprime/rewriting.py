@@ -13,7 +13,9 @@ Applied from outside the model, by module paths and class names, in this fixed o
      `offload_strict`;
   5. `optimization_barrier_layers`: those modules' inputs (forward) and gradients (backward)
      pass through optimization barriers, so XLA cannot fuse across them and undo the remat
-     (not inside a scan, whose loop body is kept apart already).
+     (not inside a scan, whose loop body is kept apart already);
+  6. on XLA, the model's `loss_barrier` (a chunked loss, model.loss_chunk_size) is the
+     backend's optimization barrier, which keeps its recomputed chunks apart.
 On XLA, only a whole scanned layer can be checkpointed inside a scan, not a part of it.
 Each name must match something in the model; the error lists the closest real names.
 """
@@ -154,6 +156,8 @@ def apply_rewriting(model: nn.Module, cfg: RematConfig, backend: Backend) -> Non
             log.info("model.remat: no barrier on %s inside the scan", type(module).__name__)
             continue
         _barrier_forward(module, backend)
+    if backend.is_xla and hasattr(model, "loss_barrier"):
+        model.loss_barrier = backend.optimization_barrier_
 
 
 def _offloaded(cfg: RematConfig, backend: Backend) -> frozenset[str]:

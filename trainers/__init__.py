@@ -41,6 +41,7 @@ def make_trainer(
     peak_flops: float | None = None,
     sinks: Sequence[Sink] = (),
     callbacks: Sequence[StepCallback] = (),
+    optimizer_state_dtype: torch.dtype | None = None,
 ) -> BaseTrainer:
     """The `cfg.name` trainer of `model`, checkpointing under output_dir/checkpoints and
     logging to output_dir/metrics.jsonl (and `sinks`)."""
@@ -55,5 +56,14 @@ def make_trainer(
     )
     checkpoints = CheckpointManager(cfg.checkpoint, cfg.resume, output_dir / "checkpoints", backend)
     return get_trainer_class(cfg.name)(
-        cfg, model, backend, mesh, batches, output_dir, checkpoints, metrics, callbacks
+        cfg,
+        model,
+        backend,
+        mesh,
+        batches,
+        output_dir,
+        checkpoints,
+        metrics,
+        callbacks,
+        optimizer_state_dtype=optimizer_state_dtype,
     )

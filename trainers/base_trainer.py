@@ -48,7 +48,11 @@ class TrainingError(RuntimeError):
     """The run cannot go on; the message says why and what to try."""
 
 
-def build_optimizer(model: nn.Module, cfg: TrainerConfig, backend: Backend) -> AdamW:
+def build_optimizer(
+    model: nn.Module, cfg: TrainerConfig, backend: Backend, state_dtype: torch.dtype | None = None
+) -> AdamW:
+    """AdamW over the model's parameter groups; moments in `state_dtype` (precision.
+    optimizer_state; None: each parameter's dtype)."""
     opt = cfg.optimizer
     return AdamW(
         param_groups(model, opt.weight_decay, dict(opt.lr_multipliers)),
@@ -57,7 +61,7 @@ def build_optimizer(model: nn.Module, cfg: TrainerConfig, backend: Backend) -> A
         eps=opt.eps,
         update_clip=opt.update_clip,
         update_rms_clip=opt.update_rms_clip,
-        state_dtype=opt.state_dtype.torch if opt.state_dtype else None,
+        state_dtype=state_dtype,
         traced=backend.is_xla,
     )
 
@@ -74,6 +78,7 @@ class BaseTrainer:
         checkpoints: CheckpointManager,
         metrics: MetricsLogger,
         callbacks: Sequence[StepCallback] = (),
+        optimizer_state_dtype: torch.dtype | None = None,
     ):
         self.cfg = cfg
         self.output_dir = output_dir
@@ -84,7 +89,7 @@ class BaseTrainer:
         self.checkpoints = checkpoints
         self.metrics = metrics
         self.callbacks = list(callbacks)
-        self.optimizer = build_optimizer(model, cfg, backend)
+        self.optimizer = build_optimizer(model, cfg, backend, optimizer_state_dtype)
         # All optimizer state now, laid out like the parameters, and the schedule's step count
         # (on the device: the lr schedule reads it inside the graph). Materialized here, the
         # first step traces the same graph as every later one, and a checkpoint has tensors to

@@ -39,7 +39,7 @@ class OptimizerConfig:
     update_rms_clip: float | None = None
     """Scale each tensor's update down to RMS ≤ update_rms_clip (StableAdamW; null: off)."""
     state_dtype: DType | None = None
-    """float32 or bfloat16 for the moment estimates; null: the parameters' dtype."""
+    """Moved to precision.optimizer_state: set here, the run stops saying so."""
     lr_multipliers: dict[str, float] = field(default_factory=dict)
     """Parameter name pattern (`*` is one name component, as in model.sharding) → factor on
     the scheduled lr, e.g. {lm_head.weight: 0.5}. A pattern matching nothing is an error."""

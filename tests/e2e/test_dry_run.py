@@ -89,7 +89,7 @@ def test_a_broken_pod_config_gets_every_problem_at_once_and_no_steps(tmp_path):
         "dry_run=true",
         f"output_dir={tmp_path}",
         "model=llama3_1_405b",
-        "dtype=float32",
+        "precision.params=float32",
         "target.chip=v5e",  # 71 GiB a chip of 16
         "trainer.global_batch_size=100",  # not a multiple of fsdp=64
         "model.attention_kernel=splash",

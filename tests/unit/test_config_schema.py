@@ -26,7 +26,9 @@ CHOICES = {
     "data.source": "s3",
     "data.format": "csv",
     "trainer.lr_scheduler.name": "cosin",
-    "trainer.optimizer.state_dtype": "fp8",
+    "precision.params": "float16",
+    "precision.compute": "fp8",
+    "precision.optimizer_state": "fp8",
     "wandb.mode": "live",
     "target.chip": "v7",
 }

@@ -141,7 +141,7 @@ def _hf_model(side: Side, weights: Path) -> nn.Module:
 
     model = transformers.LlamaForCausalLM.from_pretrained(
         weights,
-        dtype=side.cfg.dtype.torch,
+        dtype=side.cfg.resolved_precision.params,
         attn_implementation=str(side.cfg.model.attention_kernel),
     )
     return model.eval()

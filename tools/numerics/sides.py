@@ -44,7 +44,8 @@ class Side:
 
     def describe(self) -> str:
         what = "transformers LlamaForCausalLM" if self.hf else "ours"
-        return f"{self.label}: {self.text or '(defaults)'} [{what}, {self.cfg.dtype}]"
+        dtype = self.cfg.dtype or self.cfg.precision.params
+        return f"{self.label}: {self.text or '(defaults)'} [{what}, {dtype}]"
 
 
 def parse_side(label: str, text: str, shared: list[str] = ()) -> Side:
