@@ -33,7 +33,7 @@ class FileFormat(StrEnum):
     """Parquet, one document a row."""
 
 
-def _source_problems(found: Problems, key: str, source: SourceKind, path: str | None) -> None:
+def source_problems(found: Problems, key: str, source: SourceKind, path: str | None) -> None:
     """A files or hub source needs a path."""
     if source == SourceKind.hub:
         found.check(
@@ -65,7 +65,7 @@ class SourceConfig:
 
     def problems(self, key: str) -> Problems:
         found = Problems()
-        _source_problems(found, key, self.source, self.path)
+        source_problems(found, key, self.source, self.path)
         found.check(
             math.isfinite(self.weight) and self.weight > 0,
             f"{key}.weight={self.weight}: must be a positive number.",
@@ -122,7 +122,7 @@ class DataConfig:
             for i, source in enumerate(self.sources):
                 found += source.problems(f"{key}.sources[{i}]")
         else:
-            _source_problems(found, key, self.source, self.path)
+            source_problems(found, key, self.source, self.path)
         found.check(
             self.shuffle_buffer >= 0,
             f"{key}.shuffle_buffer={self.shuffle_buffer}: must be 0 (off) or more.",

@@ -13,6 +13,7 @@ import torch
 
 from collators import get_collator
 from data.config import DataConfig
+from data.holdout import Holdout
 from data.mixture import Mixture
 from data.packing import build_packer
 from data.shuffle import ShuffleBuffer
@@ -56,7 +57,11 @@ class TextBatches:
         process_index: int = 0,
         process_count: int = 1,
         seed: int = 0,
+        holdout: Holdout | None = None,
+        key: str = "data",
     ):
+        """`holdout`: read only one side of the held-out split (data/holdout.py); `key`: the
+        config key naming the sources in messages."""
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -64,8 +69,8 @@ class TextBatches:
         self.process_count = process_count
         self.packer = build_packer(cfg.packing, cfg.block_size, tokenizer.pad_id)
         self.collate = get_collator(cfg.collator)
-        specs = source_specs(cfg)
-        self.readers = [SourceReader(s, key, process_index, process_count) for key, s in specs]
+        specs = source_specs(cfg, key)
+        self.readers = [SourceReader(s, k, process_index, process_count, holdout) for k, s in specs]
         for reader in self.readers:  # a missing field or an empty part fails now
             reader.check()
         # Close the open files when the pipeline goes away, or at exit before the modules are
@@ -97,10 +102,13 @@ class TextBatches:
             "block_size": cfg.block_size,
             "packing": cfg.packing,
             "shuffle_buffer": cfg.shuffle_buffer,
+            "holdout": asdict(holdout) if holdout is not None else None,
         }
         log.info(
-            "data: %s; %s packing of %d tokens, shuffle buffer %d, host %d of %d",
+            "%s: %s%s; %s packing of %d tokens, shuffle buffer %d, host %d of %d",
+            key,
             ", ".join(f"{describe(s)} (weight {s.weight:g})" for _, s in specs),
+            f", {holdout.describe()}" if holdout is not None else "",
             cfg.packing,
             cfg.block_size,
             cfg.shuffle_buffer,
@@ -181,7 +189,7 @@ class TextBatches:
         saved = state["config"]
         for key, now in self._config.items():
             if saved.get(key) != now:
-                name = key if key == "seed" else f"data.{key}"
+                name = {"seed": "seed", "holdout": "eval.holdout"}.get(key, f"data.{key}")
                 if key.startswith("process"):
                     name = f"host {key}"
                 raise ConfigError(

@@ -18,6 +18,7 @@ from datasets.distributed import split_dataset_by_node
 from datasets.exceptions import DatasetNotFoundError
 
 from data.config import DataConfig, SourceConfig
+from data.holdout import Holdout
 from torchprime.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -52,9 +53,9 @@ def local_files(path: str, fmt: str, key: str = "data") -> list[str]:
     return files
 
 
-def source_specs(cfg: DataConfig) -> list[tuple[str, SourceConfig]]:
+def source_specs(cfg: DataConfig, key: str = "data") -> list[tuple[str, SourceConfig]]:
     """(config key, source) of every source: `data.sources`, or the top-level keys as one
-    source of weight 1. The key names the source in error messages."""
+    source of weight 1. The key (`key`, or `key.sources[i]`) names the source in messages."""
     if not cfg.sources:
         single = SourceConfig(
             source=cfg.source,
@@ -65,8 +66,8 @@ def source_specs(cfg: DataConfig) -> list[tuple[str, SourceConfig]]:
             text_field=cfg.text_field,
             weight=1.0,
         )
-        return [("data", single)]
-    return [(f"data.sources[{i}]", s) for i, s in enumerate(cfg.sources)]
+        return [(key, single)]
+    return [(f"{key}.sources[{i}]", s) for i, s in enumerate(cfg.sources)]
 
 
 def describe(spec: SourceLike) -> str:
@@ -133,8 +134,17 @@ class SourceReader:
     being converted), so a resume costs at most one file or shard of reading per source.
     """
 
-    def __init__(self, spec: SourceConfig, key: str, process_index: int, process_count: int):
+    def __init__(
+        self,
+        spec: SourceConfig,
+        key: str,
+        process_index: int,
+        process_count: int,
+        holdout: Holdout | None = None,
+    ):
         self.spec = spec
+        self.holdout = holdout
+        """Which side of the held-out split this reader keeps (None: every document)."""
         self.key = key
         self.process_index = process_index
         self.process_count = process_count
@@ -142,7 +152,7 @@ class SourceReader:
         self.epoch = 0
         """Passes completed over this host's part."""
         self.docs = 0
-        """Non-empty documents read in the current pass."""
+        """Non-empty documents read in the current pass (of the held-out side it keeps)."""
         self.rows = 0
         """Rows (empty documents included) read in the current pass."""
         self._stream: datasets.IterableDataset | None = None
@@ -162,7 +172,7 @@ class SourceReader:
         non-text field, an unreadable file or an empty part fails here, before training."""
         with self._reading():
             for i, row in enumerate(self._host_stream()):
-                if row_text(row, i, self.spec, self.key):
+                if self._keeps(row_text(row, i, self.spec, self.key)):
                     return
         raise self._empty()
 
@@ -175,7 +185,17 @@ class SourceReader:
         except pa.ArrowInvalid as e:
             raise ConfigError(f"{self.key}: cannot read {describe(self.spec)}: {e}") from None
 
+    def _keeps(self, text: str) -> bool:
+        # An empty document would only add an EOS (or a row of padding).
+        return bool(text) and (self.holdout is None or self.holdout.keeps(text))
+
     def _empty(self) -> ConfigError:
+        if self.holdout is not None:
+            return ConfigError(
+                f"{self.key}: {describe(self.spec)} gives host {self.process_index} of "
+                f"{self.process_count} no documents on {self.holdout.describe()} (too few "
+                "documents for that fraction: raise it, or give eval.data)."
+            )
         return ConfigError(
             f"{self.key}: {describe(self.spec)} gives host {self.process_index} of "
             f"{self.process_count} no documents (no rows, or only empty text in "
@@ -212,7 +232,7 @@ class SourceReader:
             index = self.rows
             self.rows += 1
             text = row_text(row, index, self.spec, self.key)
-            if text:  # an empty document would only add an EOS (or a row of padding)
+            if self._keeps(text):
                 self.docs += 1
                 return text
 
