@@ -16,6 +16,7 @@ from trainers.base_trainer import BaseTrainer
 from trainers.callbacks import StepCallback
 from trainers.checkpoint_manager import CheckpointManager
 from trainers.config import TrainerConfig
+from trainers.evaluator import Evaluator
 from trainers.lm_trainer import LMTrainer
 from trainers.metrics_logger import MetricsLogger, Sink
 
@@ -41,6 +42,7 @@ def make_trainer(
     peak_flops: float | None = None,
     sinks: Sequence[Sink] = (),
     callbacks: Sequence[StepCallback] = (),
+    evaluator: Evaluator | None = None,
 ) -> BaseTrainer:
     """The `cfg.name` trainer of `model`, checkpointing under output_dir/checkpoints and
     logging to output_dir/metrics.jsonl (and `sinks`)."""
@@ -55,5 +57,5 @@ def make_trainer(
     )
     checkpoints = CheckpointManager(cfg.checkpoint, cfg.resume, output_dir / "checkpoints", backend)
     return get_trainer_class(cfg.name)(
-        cfg, model, backend, mesh, batches, output_dir, checkpoints, metrics, callbacks
+        cfg, model, backend, mesh, batches, output_dir, checkpoints, metrics, callbacks, evaluator
     )
