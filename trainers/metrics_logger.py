@@ -167,10 +167,8 @@ class MetricsLogger:
         if self._steady is not None:
             self._eval_seconds += seconds
         if self._held is not None and self._held["step"] == step:
+            # `compiles` stays the step's: a compilation of the evaluation shows in the next one
             record, self._held = {**self._held, **values}, None
-            compiles = self.backend.compile_count()
-            if compiles is not None:  # with the evaluation's graph
-                record["compiles"] = compiles
         else:
             self._flush_held()
             record = {"step": step, **values}
