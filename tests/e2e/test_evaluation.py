@@ -4,6 +4,8 @@ untouched by it, and eval_only runs of a checkpoint."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -12,8 +14,10 @@ from data.eval_batches import cut_eval_batches
 from data.tokenizers import ByteTokenizer
 from models import build_model
 from models.llama import IGNORE_INDEX
+from run.evaluation import run_eval_only
 from run.training import run_training
 from torchprime.backend import select_backend
+from torchprime.errors import ConfigError
 from torchprime.mesh import MeshAxesConfig, resolve_mesh
 from trainers.evaluator import Evaluator
 
@@ -43,7 +47,9 @@ def train(out, *overrides):
 @pytest.fixture(scope="module")
 def cpu_runs(tmp_path_factory):
     cpu = ("backend=cpu", "ici_mesh.fsdp=1")
-    with_eval = train(tmp_path_factory.mktemp("cpu_eval"), *cpu, *EVALUATED)
+    with_eval = train(
+        tmp_path_factory.mktemp("cpu_eval"), *cpu, *EVALUATED, "trainer.export_hf=true"
+    )
     without = train(tmp_path_factory.mktemp("cpu_plain"), *cpu, *NOT_EVALUATED)
     return with_eval, without
 
@@ -124,3 +130,42 @@ def test_eval_loss_does_not_depend_on_how_the_rows_are_cut_into_batches():
     assert [r.tokens for r in results] == [16 * 63] * 3
     assert [r.loss for r in results] == pytest.approx([results[0].loss] * 3, abs=1e-6)
     assert model.training  # the mode it had
+
+
+def eval_only(out, *overrides):
+    cfg = composed(*RUN, "eval_only=true", *overrides, f"output_dir={out}")
+    backend = select_backend("cpu" if cfg.backend == "cpu" else "xla", cpu_devices=4)
+    result = run_eval_only(cfg, backend, out)
+    assert json.loads((out / "eval.json").read_text())["eval_loss"] == result.loss
+    return result
+
+
+@requires_xla
+def test_eval_only_evaluates_a_cpu_checkpoint_on_xla_with_4_devices(cpu_runs, tmp_path):
+    (records, summary), _ = cpu_runs
+    result = eval_only(tmp_path, "backend=xla", f"trainer.resume={summary.checkpoint}")
+    assert result.step == STEPS
+    assert result.loss == pytest.approx(evals(records)[STEPS]["eval_loss"], abs=1e-4)
+    assert not (tmp_path / "metrics.jsonl").exists()  # nothing but eval.json
+
+
+def test_eval_only_evaluates_an_hf_folder(cpu_runs, tmp_path):
+    (records, summary), _ = cpu_runs
+    result = eval_only(
+        tmp_path, "backend=cpu", "ici_mesh.fsdp=1", f"model.pretrained_path={summary.hf_export}"
+    )
+    assert result.loss == pytest.approx(evals(records)[STEPS]["eval_loss"], abs=1e-6)
+    record = json.loads((tmp_path / "eval.json").read_text())
+    assert record["model"] == str(summary.hf_export) and record["eval_tokens"] == 3 * 4 * 63
+
+
+def test_eval_only_of_a_folder_that_is_no_checkpoint_names_it(tmp_path):
+    folder = tmp_path / "not_a_checkpoint"
+    folder.mkdir()
+    with pytest.raises(ConfigError, match=f"trainer.resume={folder}: cannot evaluate"):
+        eval_only(tmp_path, "backend=cpu", "ici_mesh.fsdp=1", f"trainer.resume={folder}")
+
+
+def test_eval_only_needs_a_checkpoint_or_an_hf_folder():
+    problems = composed("eval_only=true").problems()
+    assert any(p.startswith("eval_only=true evaluates a checkpoint") for p in problems)
