@@ -16,6 +16,7 @@ from models import build_model
 from models.llama import IGNORE_INDEX
 from run.evaluation import run_eval_only
 from run.training import run_training
+from tools.generate import main as generate_main
 from torchprime.backend import select_backend
 from torchprime.errors import ConfigError
 from torchprime.mesh import MeshAxesConfig, resolve_mesh
@@ -169,3 +170,11 @@ def test_eval_only_of_a_folder_that_is_no_checkpoint_names_it(tmp_path):
 def test_eval_only_needs_a_checkpoint_or_an_hf_folder():
     problems = composed("eval_only=true").problems()
     assert any(p.startswith("eval_only=true evaluates a checkpoint") for p in problems)
+
+
+def test_generate_reads_a_runs_newest_checkpoint_as_its_hf_export(cpu_runs, capsys):
+    (_, summary), _ = cpu_runs
+    run_dir = summary.checkpoint.parent.parent
+    args = ["--prompt", "import ", "--max-new-tokens", "12"]
+    from_checkpoint = generate_main([str(run_dir), *args])
+    assert generate_main([str(summary.hf_export), *args]) == from_checkpoint
