@@ -134,7 +134,7 @@ def build_trainer(
             *callbacks,
         ],
         evaluator=(
-            Evaluator(cfg.eval, pre.eval_batches, backend, mesh)
+            Evaluator(cfg.eval, pre.eval_batches, backend, mesh, pre.tokenizer, cfg.data.add_bos)
             if pre.eval_batches is not None
             else None
         ),

@@ -9,6 +9,10 @@ not depend on how the rows are split over batches, devices or processes.
 
 Evaluation reads nothing of training's: not its batches, not an RNG; it switches the model to
 eval mode and back. Training after an evaluation is the training without it.
+
+With `eval.samples`, each evaluation also continues those prompts greedily, on a host copy of
+the model with a KV cache (models/generation.py): decoding token by token has no place in the
+device's compiled graphs, and a copy works the same on every backend.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from data.tokenizers import Tokenizer
+from models import build_model
+from models.generation import generate
 from torchprime.backend.base import Backend
 from torchprime.mesh import Mesh
 from torchprime.sharding import BATCH_SPEC
@@ -40,6 +47,8 @@ class EvalResult:
     """Mean cross-entropy per real token over every evaluation batch."""
     tokens: int
     """The real tokens it is a mean over."""
+    samples: list[dict[str, str]] | None = None
+    """{"prompt", "text"} of each of eval.samples: the greedy continuation."""
 
     @property
     def ppl(self) -> float:
@@ -47,7 +56,10 @@ class EvalResult:
 
     def record(self) -> dict[str, Any]:
         """The metrics.jsonl / wandb fields."""
-        return {"eval_loss": self.loss, "eval_ppl": self.ppl, "eval_tokens": self.tokens}
+        record = {"eval_loss": self.loss, "eval_ppl": self.ppl, "eval_tokens": self.tokens}
+        if self.samples is not None:
+            record["samples"] = self.samples
+        return record
 
 
 class Evaluator:
@@ -57,8 +69,13 @@ class Evaluator:
         batches: list[dict[str, torch.Tensor]],
         backend: Backend,
         mesh: Mesh,
+        tokenizer: Tokenizer | None = None,
+        add_bos: bool = False,
     ):
+        """`tokenizer`, `add_bos`: how eval.samples prompts are encoded (the training data's)."""
         self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.add_bos = add_bos
         self.backend = backend
         self.mesh = mesh
         self._host_batches = batches
@@ -95,9 +112,24 @@ class Evaluator:
             model.train(was_training)
         total = torch.stack([s.cpu().double() for s in sums]).sum(0)
         loss_sum, tokens = float(total[0]), float(total[1])
-        result = EvalResult(step, loss_sum / max(tokens, 1.0), round(tokens))
+        samples = self.sample(model) if self.cfg.samples else None
+        result = EvalResult(step, loss_sum / max(tokens, 1.0), round(tokens), samples)
         self.results.append(result)
         return result
+
+    def sample(self, model: nn.Module) -> list[dict[str, str]]:
+        """The greedy continuation of each of eval.samples (every process takes part: copying
+        a model split over processes gathers it)."""
+        assert self.tokenizer is not None, "eval.samples needs the tokenizer"
+        tok, copy = self.tokenizer, host_model(model, self.backend)
+        found = []
+        for prompt in self.cfg.samples:
+            ids = ([tok.bos_id] if self.add_bos else []) + tok.encode(prompt)
+            new = generate(copy, ids, self.cfg.sample_tokens, eos_id=tok.eos_id)
+            found.append(
+                {"prompt": prompt, "text": tok.decode([t for t in new if t != tok.eos_id])}
+            )
+        return found
 
     @property
     def best(self) -> EvalResult | None:
@@ -106,6 +138,18 @@ class Evaluator:
     @property
     def last(self) -> EvalResult | None:
         return self.results[-1] if self.results else None
+
+
+def host_model(model: nn.Module, backend: Backend) -> nn.Module:
+    """A copy of `model` in host memory, in eval mode, gathered one tensor at a time."""
+    dtype = next(model.parameters()).dtype
+    copy = build_model(model.config, dtype).to_empty(device="cpu")
+    copy.tie_weights()  # to_empty unties them
+    sources = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    with torch.no_grad():
+        for name, tensor in [*copy.named_parameters(), *copy.named_buffers()]:
+            tensor.copy_(backend.host_copy(sources[name]))
+    return copy.eval()
 
 
 def write_eval_json(path: Path, result: EvalResult, source: str, extra: dict[str, Any]) -> None:

@@ -182,6 +182,8 @@ class MetricsLogger:
             values["eval_ppl"],
             values["eval_tokens"],
         )
+        for sample in values.get("samples") or []:
+            log.info("step %d  sample %r -> %r", step, sample["prompt"], sample["text"])
         return record
 
     def _write(self, record: dict[str, Any]) -> None:

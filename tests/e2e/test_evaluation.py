@@ -49,7 +49,12 @@ def train(out, *overrides):
 def cpu_runs(tmp_path_factory):
     cpu = ("backend=cpu", "ici_mesh.fsdp=1")
     with_eval = train(
-        tmp_path_factory.mktemp("cpu_eval"), *cpu, *EVALUATED, "trainer.export_hf=true"
+        tmp_path_factory.mktemp("cpu_eval"),
+        *cpu,
+        *EVALUATED,
+        "trainer.export_hf=true",
+        "eval.samples=[def]",
+        "eval.sample_tokens=12",
     )
     without = train(tmp_path_factory.mktemp("cpu_plain"), *cpu, *NOT_EVALUATED)
     return with_eval, without
@@ -172,9 +177,11 @@ def test_eval_only_needs_a_checkpoint_or_an_hf_folder():
     assert any(p.startswith("eval_only=true evaluates a checkpoint") for p in problems)
 
 
-def test_generate_reads_a_runs_newest_checkpoint_as_its_hf_export(cpu_runs, capsys):
-    (_, summary), _ = cpu_runs
+def test_generate_reads_a_runs_newest_checkpoint_as_its_hf_export(cpu_runs):
+    (records, summary), _ = cpu_runs
     run_dir = summary.checkpoint.parent.parent
-    args = ["--prompt", "import ", "--max-new-tokens", "12"]
+    args = ["--prompt", "def", "--max-new-tokens", "12"]
     from_checkpoint = generate_main([str(run_dir), *args])
     assert generate_main([str(summary.hf_export), *args]) == from_checkpoint
+    # eval.samples: the same greedy continuation, logged with the last evaluation
+    assert evals(records)[STEPS]["samples"] == [{"prompt": "def", "text": from_checkpoint}]

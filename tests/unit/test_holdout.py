@@ -93,7 +93,7 @@ def test_eval_batches_are_cut_the_same_whatever_the_seed_and_shuffle(corpus):
 def test_eval_data_reads_its_own_sources_with_the_training_tokenization(corpus):
     root, _ = corpus
     cfg = composed(
-        f"eval.data.source=files",
+        "eval.data.source=files",
         f"eval.data.path={root / 'docs.jsonl'}",
         "eval.data.format=json",
         "data.block_size=32",
