@@ -48,7 +48,7 @@ class EvalResult:
     tokens: int
     """The real tokens it is a mean over."""
     samples: list[dict[str, str]] | None = None
-    """{"prompt", "text"} of each of eval.samples: the greedy continuation."""
+    """{"prompt", "text"} of each of eval.samples: the greedy continuation (eval_samples)."""
 
     @property
     def ppl(self) -> float:
@@ -58,7 +58,7 @@ class EvalResult:
         """The metrics.jsonl / wandb fields."""
         record = {"eval_loss": self.loss, "eval_ppl": self.ppl, "eval_tokens": self.tokens}
         if self.samples is not None:
-            record["samples"] = self.samples
+            record["eval_samples"] = self.samples
         return record
 
 

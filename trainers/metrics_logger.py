@@ -182,7 +182,7 @@ class MetricsLogger:
             values["eval_ppl"],
             values["eval_tokens"],
         )
-        for sample in values.get("samples") or []:
+        for sample in values.get("eval_samples") or []:
             log.info("step %d  sample %r -> %r", step, sample["prompt"], sample["text"])
         return record
 

@@ -52,6 +52,11 @@ class WandbLogger:
 
     def log(self, record: dict[str, Any]) -> None:
         values = {wandb_key(k): v for k, v in record.items() if k != "step" and v is not None}
+        if "eval/samples" in values:  # text: a table of prompts and their continuations
+            import wandb
+
+            rows = [[s["prompt"], s["text"]] for s in values["eval/samples"]]
+            values["eval/samples"] = wandb.Table(columns=["prompt", "text"], data=rows)
         self.run.log(values, step=int(record["step"]))
 
     def close(self, failed: bool = False) -> None:

@@ -184,4 +184,4 @@ def test_generate_reads_a_runs_newest_checkpoint_as_its_hf_export(cpu_runs):
     from_checkpoint = generate_main([str(run_dir), *args])
     assert generate_main([str(summary.hf_export), *args]) == from_checkpoint
     # eval.samples: the same greedy continuation, logged with the last evaluation
-    assert evals(records)[STEPS]["samples"] == [{"prompt": "def", "text": from_checkpoint}]
+    assert evals(records)[STEPS]["eval_samples"] == [{"prompt": "def", "text": from_checkpoint}]

@@ -3,6 +3,7 @@ section, the progress bar and the end-of-run summary."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from conftest import read_jsonl
@@ -77,3 +78,20 @@ def test_the_summary_prints_the_last_and_best_eval_loss():
     assert "  eval loss     2.2500 (last, step 300); best 2.2000 at step 250" in (
         format_summary(summary).splitlines()
     )
+
+
+def test_wandb_receives_eval_loss_ppl_and_the_samples_table(tmp_path):
+    from e2e.test_resume import wandb_history
+    from trainers.config import WandbConfig
+    from trainers.wandb_logger import WandbLogger
+
+    sink = WandbLogger(WandbConfig(enabled=True), "eval", tmp_path, {})
+    sink.log({"step": 1, **TRAIN})
+    sink.log({"step": 2, **TRAIN, **EVAL, "eval_samples": [{"prompt": "def", "text": " f():"}]})
+    sink.close()
+    (run,) = (tmp_path / "wandb").glob("offline-run-*")
+    logged = wandb_history(run)
+    assert logged[2]["eval/loss"] == 2.5 and logged[2]["eval/ppl"] == 12.18
+    assert logged[2]["eval/samples/_type"] == "table-file" and "eval/loss" not in logged[1]
+    (table,) = run.glob("files/media/table/eval/samples_*.table.json")
+    assert json.loads(table.read_text())["data"] == [["def", " f():"]]
