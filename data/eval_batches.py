@@ -49,27 +49,30 @@ def cut_eval_batches(
     process_count: int = 1,
 ) -> list[dict[str, torch.Tensor]]:
     """`cfg.steps` batches of `rows` rows (this host's part of an evaluation batch), read once
-    through the held-out data from its start; a ConfigError when it holds fewer."""
+    through the held-out data from its start; a ConfigError when it holds fewer.
+
+    Every host reads the same held-out stream, the whole source rather than its own part, and
+    keeps its rows of each batch: the evaluation batches are the same whatever the host count
+    (a host's own part of a small held-out share could hold no document at all)."""
     eval_cfg, holdout, key = eval_data_config(cfg, data)
-    stream = TextBatches(
-        eval_cfg, tokenizer, rows, process_index, process_count, EVAL_SEED, holdout, key
-    )
+    stream = TextBatches(eval_cfg, tokenizer, rows * process_count, 0, 1, EVAL_SEED, holdout, key)
     batches: list[dict[str, torch.Tensor]] = []
+    mine = slice(process_index * rows, (process_index + 1) * rows)
     try:
         for _ in range(cfg.steps):
             batch = next(stream)
             if any(r.epoch for r in stream.readers):  # a source ran out: this batch wraps
                 break
-            batches.append(batch)
+            batches.append({k: v[mine].clone() for k, v in batch.items()})
     except ConfigError as e:  # less than one row in the held-out data
         raise ConfigError(f"eval.steps={cfg.steps}: {e}") from None
     finally:
         stream.close()
     if len(batches) < cfg.steps:
-        where = f" on host {process_index} of {process_count}" if process_count > 1 else ""
         raise ConfigError(
-            f"eval.steps={cfg.steps} is more than the held-out data ({key}) can fill{where}: it "
-            f"holds {len(batches)} batches of {rows} rows of data.block_size={data.block_size} "
-            "tokens. Lower eval.steps or eval.batch_size, or give more held-out data."
+            f"eval.steps={cfg.steps} is more than the held-out data ({key}) can fill: it holds "
+            f"{len(batches)} batches of {rows * process_count} rows of data.block_size="
+            f"{data.block_size} tokens. Lower eval.steps or eval.batch_size, or give more "
+            "held-out data."
         )
     return batches

@@ -82,6 +82,7 @@ def test_the_summary_prints_the_last_and_best_eval_loss():
 
 def test_wandb_receives_eval_loss_ppl_and_the_samples_table(tmp_path):
     from e2e.test_resume import wandb_history
+
     from trainers.config import WandbConfig
     from trainers.wandb_logger import WandbLogger
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from conftest import composed
 from data.config import DataConfig, SourceConfig
@@ -156,3 +157,18 @@ def test_bad_eval_keys_are_named_at_once():
     problems = "\n".join(cfg.problems())
     for key in ("eval.interval=0", "eval.steps=0", "eval.data.source=files needs eval.data.path"):
         assert key in problems
+
+
+def test_every_host_count_evaluates_the_same_rows(corpus):
+    root, _ = corpus
+    data = DataConfig(source="files", path=str(root / "txt"), block_size=8)
+    cfg = EvalConfig(holdout=FRACTION, steps=2)
+    whole = cut_eval_batches(cfg, data, ByteTokenizer(), 12)
+    for hosts in (2, 3, 4):
+        parts = [
+            cut_eval_batches(cfg, data, ByteTokenizer(), 12 // hosts, h, hosts)
+            for h in range(hosts)
+        ]
+        for i, batch in enumerate(whole):
+            joined = torch.cat([part[i]["input_ids"] for part in parts])
+            assert joined.equal(batch["input_ids"]), hosts
