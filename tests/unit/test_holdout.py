@@ -172,3 +172,20 @@ def test_every_host_count_evaluates_the_same_rows(corpus):
         for i, batch in enumerate(whole):
             joined = torch.cat([part[i]["input_ids"] for part in parts])
             assert joined.equal(batch["input_ids"]), hosts
+
+
+def test_the_pre_flight_names_an_eval_batch_the_devices_cannot_split_and_too_many_steps():
+    from run.preflight import Devices, preflight
+
+    devices = Devices(kind="CPU", count=4)
+    pre = preflight(composed("eval.batch_size=6"), devices)
+    assert pre.problems == [
+        "eval.batch_size=6 does not split over the 4 data-parallel devices (data x fsdp) of mesh "
+        "fsdp=4: it must be a multiple of 4."
+    ]
+    pre = preflight(composed("eval.steps=1000"), devices)
+    assert len(pre.problems) == 1
+    assert pre.problems[0].startswith(
+        "eval.steps=1000 is more than the held-out data (eval.holdout) can fill: it holds 147 "
+        "batches of 8 rows"
+    )
