@@ -4,6 +4,7 @@ section, the progress bar and the end-of-run summary."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from conftest import read_jsonl
@@ -91,7 +92,12 @@ def test_wandb_receives_eval_loss_ppl_and_the_samples_table(tmp_path):
     sink.log({"step": 2, **TRAIN, **EVAL, "eval_samples": [{"prompt": "def", "text": " f():"}]})
     sink.close()
     (run,) = (tmp_path / "wandb").glob("offline-run-*")
-    logged = wandb_history(run)
+    # wandb's service process may still be writing the run's file on a loaded machine
+    for _ in range(60):
+        logged = wandb_history(run)
+        if 2 in logged and list(run.glob("files/media/table/eval/samples_*.table.json")):
+            break
+        time.sleep(1)
     assert logged[2]["eval/loss"] == 2.5 and logged[2]["eval/ppl"] == 12.18
     assert logged[2]["eval/samples/_type"] == "table-file" and "eval/loss" not in logged[1]
     (table,) = run.glob("files/media/table/eval/samples_*.table.json")
