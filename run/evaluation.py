@@ -39,6 +39,7 @@ def run_eval_only(cfg: TrainConfig, backend: Backend, output_dir: Path) -> EvalR
         step, source = int(record["step"]), str(path)
     assert trainer.evaluator is not None  # the pre-flight cut the batches
     result = trainer.evaluator.evaluate(trainer.model, trainer.forward, step)
+    trainer.metrics.log_eval(step, result.record())  # to wandb when enabled (no metrics.jsonl)
     trainer.metrics.close(failed=False)
     if is_coordinator():
         output_dir.mkdir(parents=True, exist_ok=True)
