@@ -381,6 +381,10 @@ def _open_eval_data(pre: Preflight) -> None:
     if pre.tokenizer is None or cfg.data.problems() or cfg.eval.problems() or pre.mesh is None:
         pre.skip("the held-out data", "a valid data and eval config, tokenizer and mesh")
         return
+    if cfg.eval.batch_size is None and pre.micro_batch is None:
+        # a training micro-batch that does not split: said once, for training
+        pre.skip("the held-out data", "a trainer.global_batch_size the mesh splits")
+        return
     rows, ways, hosts = eval_rows(cfg), pre.mesh.size(BATCH_SPEC[0]), pre.devices.hosts
     if rows % ways or rows % hosts:
         key = f"eval.batch_size={cfg.eval.batch_size}"
