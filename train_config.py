@@ -149,7 +149,11 @@ class TrainConfig:
 
 
 def register_schema() -> None:
+    """The schema configs/default.yaml builds on, and the resolver it names output_dir with."""
+    from run.output_dir import register_output_dir_check
+
     ConfigStore.instance().store(name="schema", node=TrainConfig)
+    register_output_dir_check()
 
 
 def mesh_size(cfg: TrainConfig) -> int | None:

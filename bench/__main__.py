@@ -1,6 +1,6 @@
 """Every benchmark in one run, then BENCHMARKS.md's tables and benchmarks.png rewritten.
 
-    python -m bench                 # or: make bench (8-15 minutes on 2 cores)
+    python -m bench                 # or: make bench (15-25 minutes on 2 cores)
     python -m bench --only eager compiled --no-write
 
 Each benchmark runs in its own process, as its own command would (printed before it starts),
@@ -36,6 +36,7 @@ PARTS: dict[str, list[str]] = {
     "compile_scan": ["bench.compile_scan", "--depths", "4", "8", "--steps", "3"],
     "data_pipeline": ["bench.data_pipeline", "--seconds", "2"],
     "distributed": ["bench.distributed_step"],
+    "attention": ["bench.attention"],
 }
 MFU_TARGETS = {"eager": 0.60, "compiled": 0.85}
 SETUP_NAMES = {
@@ -283,6 +284,12 @@ def distributed_md(r: dict[str, Any]) -> str:
     )
 
 
+def attention_md(r: dict[str, Any]) -> str:
+    from bench.attention import markdown
+
+    return markdown(r)
+
+
 def run_md(results: dict[str, Any], total_s: float) -> str:
     import torch
 
@@ -302,6 +309,7 @@ SECTIONS: dict[str, tuple[tuple[str, ...], Callable[..., str]]] = {
     "compile_scan": (("compile_scan",), compile_scan_md),
     "data_pipeline": (("data_pipeline",), data_pipeline_md),
     "distributed": (("distributed",), distributed_md),
+    "attention": (("attention",), attention_md),
 }
 
 

@@ -22,6 +22,17 @@ class SourceKind(StrEnum):
     """An HF hub dataset named by `path`, streamed."""
 
 
+class BadRowPolicy(StrEnum):
+    """What a row without text does (a missing or null text field, a number where text was
+    expected)."""
+
+    error = "error"
+    """Stop the run, naming the file and the row."""
+    skip = "skip"
+    """Leave the row out, log it with its file and row and count it (metrics.jsonl:
+    skipped_rows), up to data.max_bad_rows."""
+
+
 class FileFormat(StrEnum):
     """How local files are read (`source: files`)."""
 
@@ -113,6 +124,14 @@ class DataConfig:
     (no loss on padding)."""
     collator: str = "causal_lm"
     """How rows become model inputs (collators.COLLATORS)."""
+    on_bad_row: BadRowPolicy = BadRowPolicy.error
+    """error: a row without text (field missing, null, or not a string) stops the run naming
+    its file and row; skip: such rows are left out, logged and counted. Problems of a whole
+    file (columns that differ from the first file's, bytes that are not UTF-8, a line that is
+    not JSON, a damaged Parquet file) always stop the run."""
+    max_bad_rows: int = 100
+    """With on_bad_row=skip: the run stops when one source has skipped more rows than this
+    (over all passes, on this host)."""
 
     def problems(self, key: str = "data") -> Problems:
         from collators import COLLATORS
@@ -129,6 +148,10 @@ class DataConfig:
         )
         found.check(
             self.block_size >= 2, f"{key}.block_size={self.block_size}: must be at least 2."
+        )
+        found.check(
+            self.max_bad_rows >= 0,
+            f"{key}.max_bad_rows={self.max_bad_rows}: must be 0 or more.",
         )
         found.check(
             self.collator in COLLATORS,

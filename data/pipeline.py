@@ -70,7 +70,12 @@ class TextBatches:
         self.packer = build_packer(cfg.packing, cfg.block_size, tokenizer.pad_id)
         self.collate = get_collator(cfg.collator)
         specs = source_specs(cfg, key)
-        self.readers = [SourceReader(s, k, process_index, process_count, holdout) for k, s in specs]
+        self.readers = [
+            SourceReader(
+                s, k, process_index, process_count, holdout, cfg.on_bad_row, cfg.max_bad_rows
+            )
+            for k, s in specs
+        ]
         for reader in self.readers:  # a missing field or an empty part fails now
             reader.check()
         # Close the open files when the pipeline goes away, or at exit before the modules are
@@ -150,6 +155,11 @@ class TextBatches:
         batch = self.collate(rows)
         self.batches += 1
         return batch
+
+    @property
+    def skipped_rows(self) -> int:
+        """Rows without text left out so far (data.on_bad_row=skip), every source."""
+        return sum(reader.skipped for reader in self.readers)
 
     @property
     def epoch(self) -> int:

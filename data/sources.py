@@ -16,15 +16,21 @@ import datasets
 import pyarrow as pa
 from datasets.distributed import split_dataset_by_node
 from datasets.exceptions import DatasetNotFoundError
+from datasets.table import CastError
 
 from data.config import DataConfig, SourceConfig
 from data.holdout import Holdout
+from data.row_checks import SCAN_ROWS, BadRow, find_bad_rows, row_problem, scan_first_rows
 from torchprime.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 #: The file endings each format is read from, when a folder or a glob is given.
 _EXTENSIONS = {"text": None, "json": (".json", ".jsonl"), "parquet": (".parquet",)}
+
+#: What `datasets` raises for a block it cannot read: columns that differ from the first
+#: file's, bytes that are not UTF-8, a line that is not JSON, a damaged Parquet file.
+READ_ERRORS = (pa.ArrowInvalid, CastError, UnicodeDecodeError, OSError)
 
 #: A source's keys: a SourceConfig, or the top-level keys of a DataConfig.
 SourceLike = SourceConfig | DataConfig
@@ -75,8 +81,11 @@ def describe(spec: SourceLike) -> str:
     return spec.source if spec.source == "stdlib" else f"{spec.source} {spec.path}"
 
 
-def open_stream(spec: SourceLike, key: str = "data") -> datasets.IterableDataset:
-    """The whole source as a streaming dataset (nothing is downloaded ahead)."""
+def open_stream(
+    spec: SourceLike, key: str = "data", files: list[str] | None = None
+) -> datasets.IterableDataset:
+    """The whole source as a streaming dataset (nothing is downloaded ahead); `files`: the
+    local files when the caller has listed them already."""
     if spec.source == "hub":
         try:
             return datasets.load_dataset(
@@ -89,27 +98,62 @@ def open_stream(spec: SourceLike, key: str = "data") -> datasets.IterableDataset
     if spec.source == "stdlib":
         files, fmt = stdlib_files(), "text"
     else:
-        files, fmt = local_files(spec.path, spec.format, key), spec.format
+        files, fmt = files or local_files(spec.path, spec.format, key), spec.format
     kwargs = {"sample_by": "document", "encoding_errors": "replace"} if fmt == "text" else {}
     return datasets.load_dataset(
         str(fmt), data_files=files, split="train", streaming=True, **kwargs
     )
 
 
+def source_files(spec: SourceLike, key: str = "data") -> list[str]:
+    """The local files of a `files` source (none for stdlib and hub)."""
+    return local_files(spec.path, spec.format, key) if spec.source == "files" else []
+
+
+def bad_row_error(key: str, spec: SourceLike, bad: BadRow, offer_skip: bool = True) -> ConfigError:
+    """The error for a bad row or file, with how to go on."""
+    if bad.row_level:
+        head = f"{key}.text_field={spec.text_field!r}: "
+        advice = "fix or remove that row, or set text_field to the field that holds the text"
+        if offer_skip:
+            advice += (
+                ", or set data.on_bad_row=skip to train past such rows (they are counted in "
+                "metrics.jsonl and logged with file and row)"
+            )
+    else:
+        head = f"{key}: "
+        advice = "fix or re-save that file, or leave it out of the source"
+    return ConfigError(f"{head}{bad}. To go on: {advice}.")
+
+
+def _reading_failed(key: str, spec: SourceLike, files: list[str], e: Exception) -> ConfigError:
+    """A ConfigError naming the file and row behind a read error of `datasets` (CastError,
+    UnicodeDecodeError, ArrowInvalid), found by reading the files in order."""
+    try:
+        bad = next(find_bad_rows(files, spec.format, spec.text_field), None) if files else None
+    except OSError as gone:
+        e = gone
+        bad = None
+    if isinstance(e, OSError) and e.filename:
+        return ConfigError(
+            f"{key}: cannot read {e.filename}: {e.strerror} (was it moved or deleted while the "
+            f"run read {describe(spec)}?). Put it back, or leave it out and start again."
+        )
+    if bad is not None:
+        return bad_row_error(key, spec, bad)
+    first = (str(e).strip().splitlines() or [""])[0]
+    return ConfigError(f"{key}: cannot read {describe(spec)}: {type(e).__name__}: {first}")
+
+
 def row_text(row: dict[str, Any], index: int, spec: SourceLike, key: str) -> str:
-    """The text of one row, or a ConfigError naming the field and the source."""
-    if spec.text_field not in row:
+    """The text of one row, or a ConfigError naming the field and the row of the source (see
+    SourceReader for the file and the row within it)."""
+    problem = row_problem(row, spec.text_field)
+    if problem is not None:
         raise ConfigError(
-            f"{key}.text_field={spec.text_field!r}: row {index} of {describe(spec)} has no such "
-            f"field (fields: {', '.join(row)})."
+            f"{key}.text_field={spec.text_field!r}: row {index + 1} of {describe(spec)} {problem}."
         )
-    text = row[spec.text_field]
-    if not isinstance(text, str):
-        raise ConfigError(
-            f"{key}.text_field={spec.text_field!r}: row {index} of {describe(spec)} holds "
-            f"{type(text).__name__}, not text."
-        )
-    return text
+    return row[spec.text_field]
 
 
 def host_texts(
@@ -118,11 +162,23 @@ def host_texts(
     """This host's documents, once through (empty ones included). `datasets` splits by files
     when their count divides evenly among hosts, by examples otherwise; the parts are
     disjoint."""
+    files = source_files(spec, key)
+    if (bad := scan_first_rows(files, spec.format, spec.text_field)) is not None:
+        raise bad_row_error(key, spec, bad, offer_skip=False)
     stream = split_dataset_by_node(
-        open_stream(spec, key), rank=process_index, world_size=process_count
+        open_stream(spec, key, files), rank=process_index, world_size=process_count
     )
-    for i, row in enumerate(stream):
-        yield row_text(row, i, spec, key)
+    try:
+        for i, row in enumerate(stream):
+            if row_problem(row, spec.text_field) is None:
+                yield row[spec.text_field]
+                continue
+            bad = next((b for b in find_bad_rows(files, spec.format, spec.text_field)), None)
+            if bad is None:
+                row_text(row, i, spec, key)  # raises, naming the row of the source
+            raise bad_row_error(key, spec, bad, offer_skip=False)
+    except READ_ERRORS as e:
+        raise _reading_failed(key, spec, files, e) from None
 
 
 class SourceReader:
@@ -141,6 +197,8 @@ class SourceReader:
         process_index: int,
         process_count: int,
         holdout: Holdout | None = None,
+        on_bad_row: str = "error",
+        max_bad_rows: int = 0,
     ):
         self.spec = spec
         self.holdout = holdout
@@ -148,7 +206,14 @@ class SourceReader:
         self.key = key
         self.process_index = process_index
         self.process_count = process_count
-        self.base = open_stream(spec, key)  # fails now, naming the path, if there is none
+        self.on_bad_row = on_bad_row
+        self.max_bad_rows = max_bad_rows
+        self.files = source_files(spec, key)  # fails now, naming the path, if there is none
+        self.base = open_stream(spec, key, self.files)
+        self.skipped = 0
+        """Bad rows skipped (data.on_bad_row=skip), over every pass."""
+        self._bad_in_pass = 0  # bad rows met in the current pass
+        self._bad_rows: Iterator[BadRow] | None = None  # the files' bad rows, in order
         self.epoch = 0
         """Passes completed over this host's part."""
         self.docs = 0
@@ -168,22 +233,63 @@ class SourceReader:
         )
 
     def check(self) -> None:
-        """Read this host's first rows up to the first document: a missing text field, a
-        non-text field, an unreadable file or an empty part fails here, before training."""
+        """Read the first rows of every file of the source (not only this host's: a folder
+        whose files disagree on their columns fails on every host alike), then this host's
+        stream up to its first document: a missing or non-text field, bytes that are not
+        UTF-8, a file that does not parse or an empty part fails here, before training."""
+        skipping = self.on_bad_row == "skip"
+        found = find_bad_rows(self.files, self.spec.format, self.spec.text_field, SCAN_ROWS)
+        bad = next((b for b in found if not (skipping and b.row_level)), None)
+        if bad is not None:
+            raise bad_row_error(self.key, self.spec, bad)
         with self._reading():
-            for i, row in enumerate(self._host_stream()):
-                if self._keeps(row_text(row, i, self.spec, self.key)):
+            for row in self._host_stream():
+                text = row.get(self.spec.text_field) if isinstance(row, dict) else None
+                if isinstance(text, str) and self._keeps(text):
                     return
+                if not isinstance(text, str) and self.on_bad_row != "skip":
+                    self._bad_row()  # raises
         raise self._empty()
 
     @contextlib.contextmanager
     def _reading(self) -> Iterator[None]:
-        # Malformed content (a JSON line that does not parse, a broken Parquet file) is the
-        # user's to fix; `datasets` logs which file, the message says which source.
+        # Malformed content (columns that differ between files, bytes that are not UTF-8, a
+        # JSON line that does not parse, a broken Parquet file) is the user's to fix; these
+        # stop the run even with on_bad_row=skip: `datasets` reads the file in blocks and
+        # cannot go on past a bad one within it.
         try:
             yield
-        except pa.ArrowInvalid as e:
-            raise ConfigError(f"{self.key}: cannot read {describe(self.spec)}: {e}") from None
+        except READ_ERRORS as e:
+            raise _reading_failed(self.key, self.spec, self.files, e) from None
+
+    def _bad_row(self) -> None:
+        """A row without text in this pass: the error (on_bad_row=error), or one more skipped
+        row logged with its file and row, up to data.max_bad_rows."""
+        if self._bad_rows is None:
+            found = find_bad_rows(self.files, self.spec.format, self.spec.text_field)
+            self._bad_rows = (b for b in found if b.row_level)
+            for _ in range(self._bad_in_pass):  # a restored position: skip those met before
+                next(self._bad_rows, None)
+        self._bad_in_pass += 1
+        bad = next(self._bad_rows, None)
+        where = str(bad) if bad is not None else f"a row of {describe(self.spec)} without text"
+        if self.on_bad_row != "skip":
+            if bad is None:
+                raise ConfigError(f"{self.key}: {where}.")
+            raise bad_row_error(self.key, self.spec, bad)
+        self.skipped += 1
+        if self.skipped > self.max_bad_rows:
+            raise ConfigError(
+                f"{self.key}: {self.skipped} bad rows skipped, more than "
+                f"data.max_bad_rows={self.max_bad_rows}; the last: {where}. Fix the data, or "
+                "raise data.max_bad_rows."
+            )
+        log.warning(
+            "data: skipped %s (%d skipped, data.max_bad_rows=%d)",
+            where,
+            self.skipped,
+            self.max_bad_rows,
+        )
 
     def _keeps(self, text: str) -> bool:
         # An empty document would only add an EOS (or a row of padding).
@@ -224,14 +330,17 @@ class SourceReader:
                     self.docs,
                     self.process_index,
                 )
-                self.docs = self.rows = 0
+                self.docs = self.rows = self._bad_in_pass = 0
+                self._bad_rows = None
                 self._it = self._stream = self._start = None
                 self._live = False
                 continue
             self._live = True
-            index = self.rows
             self.rows += 1
-            text = row_text(row, index, self.spec, self.key)
+            text = row.get(self.spec.text_field) if isinstance(row, dict) else None
+            if not isinstance(text, str):
+                self._bad_row()  # raises unless skipping
+                continue
             if self._keeps(text):
                 self.docs += 1
                 return text
@@ -239,11 +348,20 @@ class SourceReader:
     def state(self) -> dict[str, Any]:
         """The position: JSON data, a copy (the caller may keep it while reading goes on)."""
         stream = self._stream.state_dict() if self._live else copy.deepcopy(self._start)
-        return {"epoch": self.epoch, "docs": self.docs, "rows": self.rows, "stream": stream}
+        return {
+            "epoch": self.epoch,
+            "docs": self.docs,
+            "rows": self.rows,
+            "skipped": self.skipped,
+            "bad_in_pass": self._bad_in_pass,
+            "stream": stream,
+        }
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.close()
         self.epoch, self.docs, self.rows = state["epoch"], state["docs"], state["rows"]
+        self.skipped, self._bad_in_pass = state.get("skipped", 0), state.get("bad_in_pass", 0)
+        self._bad_rows = None
         self._start = copy.deepcopy(state["stream"])
 
     def close(self) -> None:

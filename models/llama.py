@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.masks import allowed_keys
 from torchprime.attention import AttentionKernel, KernelPlacement, tpu_attention
 from torchprime.errors import Problems
 from torchprime.offload import offload_name
 from torchprime.rewriting import RematConfig
 from torchprime.sharding import ShardingConfig
+
+if TYPE_CHECKING:
+    from torchprime.context import SequenceLayout
 
 IGNORE_INDEX = -100
 
@@ -76,6 +81,12 @@ class LlamaConfig:
     The sequence is padded up to a multiple of the q/kv blocks."""
     is_causal: bool = True
     """Causal language model; false gives bidirectional attention."""
+    load_balance_context: bool = False
+    """With context parallelism (ici_mesh.context x dcn_mesh.context = N > 1), reorder each
+    row into 2N chunks, chunk i next to chunk 2N-1-i, so every device of the context axis gets
+    the same share of causal attention work; positions, segment ids and the causal order
+    follow the permutation and the loss is unchanged. eager and sdpa only (the Pallas kernels
+    split heads over context instead, which is balanced already)."""
     shift_before_head: bool = True
     """With labels, leave out the last position (it predicts nothing) before the LM head, so
     the [batch, sequence, vocab] logits are never made for it: the same loss, and logits of
@@ -202,6 +213,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class LlamaAttention(nn.Module):
     kernel_placement: KernelPlacement | None = None
     """The mesh a Pallas kernel runs on, given from outside (torchprime.attention.place_kernels)."""
+    sequence_layout: SequenceLayout | None = None
+    """Context parallelism, given from outside (torchprime.context): lays queries out split
+    over the sequence and gathers keys and values whole, so each query sees its causal past."""
     offloaded: frozenset[str] = frozenset()
     """Marked activations kept on the host, set from outside (torchprime.offload.activate)."""
 
@@ -221,6 +235,8 @@ class LlamaAttention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
+        segment_ids: torch.Tensor | None = None,
+        token_index: torch.Tensor | None = None,
         bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
@@ -233,20 +249,24 @@ class LlamaAttention(nn.Module):
         k = k.view(B, T, -1, self.head_dim).transpose(1, 2)
         v = v.view(B, T, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # [B, H|K, T, D]
+        if self.sequence_layout is not None:
+            q = self.sequence_layout.queries(q)
+            k, v = self.sequence_layout.keys_values(k), self.sequence_layout.keys_values(v)
         k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])  # [B, H, T, D]
-        kernel = self.cfg.attention_kernel
+        kernel, causal = self.cfg.attention_kernel, self.cfg.is_causal
         if kernel == "sdpa":
-            out = sdpa_attention(q, k, v, self.cfg.is_causal, bias)
+            out = sdpa_attention(q, k, v, causal, bias, segment_ids, token_index)
         elif kernel == "eager":
-            out = eager_attention(q, k, v, self.cfg.is_causal, bias)
+            out = eager_attention(q, k, v, causal, bias, segment_ids, token_index)
         else:
             out = tpu_attention(
                 kernel,
                 q,
                 k,
                 v,
-                self.cfg.is_causal,
+                causal,
                 bias,
+                segment_ids,
                 self.cfg.attention_block_sizes,
                 self.kernel_placement,
             )
@@ -265,28 +285,26 @@ def repeat_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     return x[:, :, None].expand(B, K, num_heads // K, T, D).reshape(B, num_heads, T, D)
 
 
-def causal_bias(T: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """[T, T] additive mask: 0 where a query may see a key, the dtype's minimum above the
-    diagonal (the future)."""
-    future = torch.ones(T, T, dtype=torch.bool, device=device).triu(1)
-    return torch.zeros(T, T, dtype=dtype, device=device).masked_fill(future, torch.finfo(dtype).min)
-
-
 def eager_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     is_causal: bool,
     bias: torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
+    token_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """softmax(q kᵀ / √D + mask + bias) v, written out: the reference the kernels match."""
+    """softmax(q kᵀ / √D + mask + bias) v, written out: the reference the kernels match. The
+    mask (causal order, segments) is built here, per call, as booleans (models.masks)."""
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # [B, H, T, T]
-    if is_causal:
-        scores = scores + causal_bias(q.shape[-2], scores.dtype, q.device)
+    lowest = torch.finfo(scores.dtype).min
+    allowed = allowed_keys(is_causal, q.shape[-2], k.shape[-2], q.device, segment_ids, token_index)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, lowest)
     if bias is not None:
         # Two blocking terms must not add up to -inf: a row with every key blocked would
         # give NaN instead of a harmless uniform average.
-        scores = (scores + bias.to(scores.dtype)).clamp(min=torch.finfo(scores.dtype).min)
+        scores = (scores + bias.to(scores.dtype)).clamp(min=lowest)
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     return probs @ v
 
@@ -297,15 +315,21 @@ def sdpa_attention(
     v: torch.Tensor,
     is_causal: bool,
     bias: torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
+    token_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """PyTorch's fused attention; it takes a causal flag or a mask, not both, so a bias is
-    combined with the causal mask here."""
-    if bias is None:
+    """PyTorch's fused attention. It takes a causal flag or a mask, not both: with segment
+    ids, a reordered sequence or a bias, the mask is made here (boolean, or float only when a
+    bias is given)."""
+    if bias is None and segment_ids is None and token_index is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+    allowed = allowed_keys(is_causal, q.shape[-2], k.shape[-2], q.device, segment_ids, token_index)
+    if bias is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
     mask = bias.to(q.dtype)
-    if is_causal:
-        mask = mask + causal_bias(q.shape[-2], q.dtype, q.device)
-        mask = mask.clamp(min=torch.finfo(q.dtype).min)  # see eager_attention
+    if allowed is not None:
+        lowest = torch.finfo(q.dtype).min
+        mask = mask.masked_fill(~allowed, lowest).clamp(min=lowest)  # see eager_attention
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
@@ -336,10 +360,15 @@ class LlamaDecoderLayer(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
+        segment_ids: torch.Tensor | None = None,
+        token_index: torch.Tensor | None = None,
         bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         x = offload_name(x, "decoder_input", self.offloaded)
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, bias)
+        attention = self.self_attn(
+            self.input_layernorm(x), cos, sin, segment_ids, token_index, bias
+        )
+        x = x + attention
         x = offload_name(x, "mlp_input", self.offloaded)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -371,11 +400,13 @@ class LlamaModel(nn.Module):
         self,
         input_ids: torch.Tensor,
         position_ids: torch.Tensor,
+        segment_ids: torch.Tensor | None = None,
+        token_index: torch.Tensor | None = None,
         attention_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [B, T, E]
         cos, sin = self.rotary_emb(position_ids, x.dtype)
-        x = self.layers(x, cos, sin, attention_bias)
+        x = self.layers(x, cos, sin, segment_ids, token_index, attention_bias)
         return self.norm(x)
 
 
@@ -437,17 +468,34 @@ class LlamaForCausalLM(nn.Module):
         input_ids: torch.Tensor,
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
         attention_bias: torch.Tensor | None = None,
+        token_index: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
     ) -> CausalLMOutput:
-        """input_ids, labels, position_ids: [B, T]. `labels` are aligned with `input_ids` (the
-        token at t is predicted from position t - 1); -100 marks positions without a label.
-        attention_bias: added to the attention scores, broadcastable to [B, heads, T, T] (0 to
-        attend, a large negative number to block; see models/masks.py), on top of the causal
-        mask when the model is causal."""
+        """input_ids, labels, position_ids, segment_ids, targets: [B, T].
+
+        labels: aligned with `input_ids` (the token at t is predicted from position t - 1);
+        -100 marks positions without a label.
+        segment_ids: packed documents; a token attends only to tokens of its own segment. The
+        mask is built inside attention at each layer call (or handed to the Pallas kernels as
+        segment ids), never stored.
+        attention_bias: an additive bias for callers who have one, broadcastable to
+        [B, heads, T, T] (0 to attend, a large negative number to block; models/masks.py),
+        on top of the causal and segment masks.
+        token_index [T] or [B, T], targets: for a reordered sequence (context load
+        balancing, torchprime.context): each token's place in the original row, which the
+        causal order follows, and the next-token target of each position (labels already
+        shifted, -100 where none), given instead of `labels`."""
         if position_ids is None:
             T = input_ids.shape[1]
             position_ids = torch.arange(T, device=input_ids.device).expand_as(input_ids)
-        hidden = self.model(input_ids, position_ids, attention_bias)  # [B, T, E]
+        hidden = self.model(
+            input_ids, position_ids, segment_ids, token_index, attention_bias
+        )  # [B, T, E]
+        if targets is not None:
+            logits = self.lm_head(hidden)
+            return CausalLMOutput(logits=logits, loss=cross_entropy(logits, targets))
         if labels is None:
             return CausalLMOutput(logits=self.lm_head(hidden), loss=None)
         if self.config.shift_before_head:

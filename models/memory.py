@@ -4,9 +4,18 @@ Counted per token and layer: the tensors autograd keeps for the backward pass (t
 every norm, projection and nonlinearity, RoPE's outputs, the attention output, and with
 attention written out, its probabilities [heads × sequence]); with remat only each layer's
 input is kept, plus one layer's worth while it is recomputed; offloaded activations are kept
-on the host instead. Then the logits, in the model's dtype and as float32 for the loss. What
-XLA adds (fusion temporaries, collective buffers, padding) is not counted, and it may also
-free or reuse buffers this count keeps: read the figure as a first order of magnitude.
+on the host instead. Then the logits, in the model's dtype and as float32 for the loss.
+
+With the sequence split over `context` (context parallelism, torchprime/context.py) a device
+holds T / N tokens of each of its rows, so every per-token term falls N-fold; what does not is
+the keys and values attention gathers whole (each layer keeps them for the backward pass), and
+the written-out attention's probabilities and mask, whose key dimension stays T. The split is
+counted only where the activations really are split (`sequence_split`), not from the mesh
+alone. eager and sdpa build a boolean mask [rows, 1, T / N, T] per layer call (causal order
+and packed documents' segments; [T / N, T] without segments); the Pallas kernels take segment
+ids and make none. What XLA adds (fusion temporaries, collective buffers, padding) is not
+counted, and it may also free or reuse buffers this count keeps: read the figure as a first
+order of magnitude.
 """
 
 from __future__ import annotations
@@ -72,13 +81,28 @@ def estimate_activations(
     seq_len: int,
     dtype_bytes: int,
     layer_class: str,
+    sequence_split: int = 1,
+    segment_ids: bool = False,
 ) -> ActivationEstimate:
     """Activation memory of one micro-batch of `rows_per_device` rows on one device;
-    `layer_class` names the decoder layer (whole-layer remat is recognized by it)."""
+    `layer_class` names the decoder layer (whole-layer remat is recognized by it);
+    `sequence_split`: devices each row's sequence is split over (the context axis when the
+    activations are split over it, else 1); `segment_ids`: packed documents' masks."""
     tensor = mesh.shape["tensor"]
-    tokens = int(rows_per_device * seq_len / mesh.shape["context"])
+    tokens = int(rows_per_device * seq_len / sequence_split)
     counts = per_token_layer_elements(cfg, tensor, seq_len)
     layer = sum(counts.values()) * tokens * dtype_bytes
+    if sequence_split > 1 and cfg.attention_kernel not in TPU_KERNELS:
+        # keys and values gathered whole over context, kept for the backward pass (the Pallas
+        # kernels split heads over context instead: their per-token terms fall N-fold)
+        kv = cfg.num_key_value_heads * cfg.resolved_head_dim / tensor
+        layer += 2 * kv * rows_per_device * seq_len * dtype_bytes
+    if cfg.attention_kernel not in TPU_KERNELS:
+        # the boolean mask, made per layer call and dropped after it
+        mask_rows = rows_per_device if segment_ids else 1
+        layer_mask = mask_rows * (seq_len / sequence_split) * seq_len
+    else:
+        layer_mask = 0
     layers = cfg.num_hidden_layers
     rematerialized = layer_class in remat.activation_checkpoint_layers
     offloaded = set(remat.offload_tensors) if remat.scan_layers else set()
@@ -89,9 +113,9 @@ def estimate_activations(
         kept = sum(counts[n] for n in kept_names) * tokens * dtype_bytes * layers
         host = kept if offloaded else 0
         device_kept = 0 if offloaded else kept
-        working = layer
+        working = layer + layer_mask
     else:
-        host, device_kept, working = 0, layer * layers, 0
+        host, device_kept, working = 0, layer * layers, layer_mask
     vocab = cfg.vocab_size / tensor  # the LM head's output split over tensor, as in fsdp_tp
     logits = tokens * vocab * (dtype_bytes + LOSS_BYTES)
     return ActivationEstimate(int(device_kept), int(working + logits), int(host), tokens)

@@ -10,14 +10,20 @@
    to at most dry_run_devices with the same axes; the same specs, remat and scan, data
    pipeline and grad accumulation; a checkpoint saved mid-run and at the end, which a second
    run restores and continues; the recompile guard set to fail.
-4. A one-screen report. Exit status 0 when nothing stands in the way, 1 otherwise.
+4. The step model: the collectives of the shrunken step, read from XLA's partitioned module
+   and audited against the layout (torchprime/collectives.py), and the roofline of the real
+   model's step on the target pod (torchprime/step_model.py), also written as JSON.
+5. A one-screen report. Exit status 0 when nothing stands in the way, 1 otherwise (the step
+   model's flags are advice: they do not fail the dry run).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -26,18 +32,29 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from data.tokenizers import Tokenizer
+from models import build_model
 from run.preflight import Devices, describe_activations, preflight
+from run.stderr_tee import stderr_tee
 from run.training import run_training
 from torchprime.attention import TPU_KERNELS, AttentionKernel
 from torchprime.backend import BackendName, select_backend
+from torchprime.collectives import (
+    Audit,
+    HloParseError,
+    audit,
+    format_audit,
+    parse_collectives,
+    step_module,
+)
 from torchprime.errors import ConfigError
 from torchprime.mesh import AXES, Mesh, MeshAxesConfig, fold_mesh, resolve_mesh
-from torchprime.plan import FitVerdict, ShardingPlan, format_plan
-from torchprime.sharding import BATCH_SPEC
+from torchprime.plan import FitVerdict, ShardingPlan, format_plan, make_plan
+from torchprime.sharding import BATCH_SPEC, plan_parameter_specs
+from torchprime.step_model import StepModel, format_step_model
 from train_config import TargetConfig, TrainConfig
 from trainers.base_trainer import TrainingError
 from trainers.metrics_logger import TrainSummary
-from trainers.profiling import hlo_dir
+from trainers.profiling import hlo_dir, prune_compiler_dumps
 
 log = logging.getLogger("dry_run")
 
@@ -63,6 +80,12 @@ class DryRunReport:
     first: TrainSummary | None = None
     resumed: TrainSummary | None = None
     seconds: float = 0.0
+    step_model: StepModel | None = None
+    """The roofline of the real model's step on the target pod."""
+    audit: Audit | None = None
+    """The collectives of the shrunken step, checked against the layout."""
+    audit_notes: list[str] = field(default_factory=list)
+    """What the audit could not read."""
 
     @property
     def ok(self) -> bool:
@@ -86,10 +109,16 @@ def dry_run(cfg: TrainConfig) -> int:
         print(format_plan(pre.plan, max_rows=12))
         if pre.verdict is None:
             report.notes.append("no target.chip or target.hbm_gib: the plan is not judged")
+    report.step_model = pre.step_model
+    if pre.plan is not None and pre.step_model is None:
+        report.audit_notes.append(
+            "the step's roofline needs target.chip (the chip's FLOP/s and bandwidths)"
+        )
     if pre.ok:
         run_shrunken(cfg, pre.mesh, pre.tokenizer, report)
     report.seconds = time.perf_counter() - start
     print(format_report(report))
+    write_step_model(report, dry_run_dir(cfg))
     return 0 if report.ok else 1
 
 
@@ -162,7 +191,9 @@ def shrunken(
         ),
         checkpoint=dataclasses.replace(t.checkpoint, interval=steps // 2, keep=None),
     )
-    block = _round_up(min(cfg.data.block_size, SMALL_BLOCK), folded.shape["context"])
+    # the row splits over context (into 2N chunks with load balancing)
+    chunks = folded.shape["context"] * (2 if m.load_balance_context else 1)
+    block = _round_up(min(cfg.data.block_size, SMALL_BLOCK), chunks)
     small = dataclasses.replace(
         cfg,
         backend=BackendName.xla,
@@ -207,23 +238,26 @@ def run_shrunken(cfg: TrainConfig, mesh: Mesh, tokenizer: Tokenizer, report: Dry
     )
     out.mkdir(parents=True)
     (out / CONFIG_NAME).write_text(OmegaConf.to_yaml(OmegaConf.structured(small)))
+    dump = hlo_dir(out) / "xla"  # the partitioned modules the audit reads
+    # The partitioner's warnings (involuntary rematerialization) are C++ log lines.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     try:
-        dump = hlo_dir(out) / "xla" if small.debug.dump_hlo else None
-        backend = select_backend("xla", cpu_devices=small.cpu_devices, hlo_dump_dir=dump)
-        if backend.device_count != small.cpu_devices:
-            report.problems.append(
-                f"the XLA runtime here has {backend.device_count} devices, the dry run needs "
-                f"{small.cpu_devices}: run it in a fresh process."
+        with stderr_tee(out / "xla_log.txt"):
+            backend = select_backend("xla", cpu_devices=small.cpu_devices, hlo_dump_dir=dump)
+            if backend.device_count != small.cpu_devices:
+                report.problems.append(
+                    f"the XLA runtime here has {backend.device_count} devices, the dry run "
+                    f"needs {small.cpu_devices}: run it in a fresh process."
+                )
+                return
+            report.first = run_training(small, backend, out, {})
+            more = dataclasses.replace(
+                small,
+                trainer=dataclasses.replace(
+                    small.trainer, max_steps=small.trainer.max_steps + 1, resume="auto"
+                ),
             )
-            return
-        report.first = run_training(small, backend, out, {})
-        more = dataclasses.replace(
-            small,
-            trainer=dataclasses.replace(
-                small.trainer, max_steps=small.trainer.max_steps + 1, resume="auto"
-            ),
-        )
-        report.resumed = run_training(more, backend, out, {})
+            report.resumed = run_training(more, backend, out, {})
     except (ConfigError, TrainingError) as e:
         report.problems.append(f"shrunken run: {e}")
         return
@@ -236,6 +270,38 @@ def run_shrunken(cfg: TrainConfig, mesh: Mesh, tokenizer: Tokenizer, report: Dry
             f"restore: the second run started from {report.resumed.resumed_from}, not from the "
             f"checkpoint saved at the end, {report.first.checkpoint}"
         )
+    audit_shrunken(small, ran_mesh, dump, out / "xla_log.txt", report)
+
+
+def audit_shrunken(small: TrainConfig, mesh: Mesh, dump: Path, log: Path, r: DryRunReport) -> None:
+    """The collective audit of the shrunken step: what could not be read is said, never fatal."""
+    prune_compiler_dumps(dump)
+    module = step_module(dump) if dump.is_dir() else None
+    if module is None:
+        r.audit_notes.append(f"no partitioned module in {dump}: the collectives were not audited")
+        return
+    m = small.model
+    meta = build_model(m, small.dtype.torch)
+    plan = make_plan(meta, plan_parameter_specs(meta, m.sharding, mesh), mesh)
+    log_text = log.read_text(errors="replace") if log.exists() else ""
+    try:
+        found = parse_collectives(module.read_text(), mesh, str(module))
+    except HloParseError as e:
+        r.audit_notes.append(f"the collectives were not audited: {e}")
+        return
+    r.audit = audit(found, plan, m.num_hidden_layers, str(module), log_text)
+
+
+def write_step_model(r: DryRunReport, out: Path) -> None:
+    """output_dir/dry_run/step_model.json: the roofline and the audit, for scripts."""
+    if not out.is_dir():
+        return
+    doc = {
+        "step_model": r.step_model.to_json() if r.step_model else None,
+        "audit": dataclasses.asdict(r.audit) if r.audit else None,
+        "not_computed": r.audit_notes,
+    }
+    (out / "step_model.json").write_text(json.dumps(doc, indent=1))
 
 
 def format_report(r: DryRunReport) -> str:
@@ -263,6 +329,12 @@ def format_report(r: DryRunReport) -> str:
         ]
     for note in r.notes:
         lines.append(f"  note        {note}")
+    if r.audit is not None:
+        lines.append("  " + format_audit(r.audit).replace("\n", "\n  "))
+    if r.step_model is not None:
+        lines.append("  " + format_step_model(r.step_model).replace("\n", "\n  "))
+    for note in r.audit_notes:
+        lines.append(f"  not computed {note}")
     if r.problems:
         lines.append(f"  PROBLEMS    {len(r.problems)}")
         lines += [f"    - {p}" for p in r.problems]
@@ -270,7 +342,10 @@ def format_report(r: DryRunReport) -> str:
         lines.append("  not checked until those are fixed:")
         lines += [f"    - {s}" for s in r.skipped]
     lines.append(f"  time        {r.seconds:.1f} s")
-    if r.ok:
+    flags = len(r.audit.flags) if r.audit else 0
+    if r.ok and flags:
+        lines.append(f"verdict: no problem found; read the {flags} step-model flag(s) above first")
+    elif r.ok:
         lines.append("verdict: no problem found; run it on the pod")
     else:
         lines.append("verdict: fix the problems above before paying for the pod")

@@ -19,11 +19,15 @@ from trainers.callbacks import StepCallback
 from trainers.hosts import is_coordinator
 from trainers.metrics_logger import format_summary
 from trainers.profiling import hlo_dir
+from trainers.storage import WriteFailed
 
 
 def launch(raw: DictConfig, callbacks: Sequence[StepCallback] = ()) -> int:
     """Run the config Hydra composed; `callbacks` watch the training steps."""
     cfg: TrainConfig = OmegaConf.to_object(raw)
+    # A log line that cannot be written (train.log on a full disk) must not print a traceback
+    # of its own over the run's message; the console handler still shows every line.
+    logging.raiseExceptions = False
     if cfg.plan_only:
         pre = preflight(cfg, Devices.of_target(cfg.target), open_data=False)
         print(plan_report(pre))
@@ -62,7 +66,7 @@ def launch(raw: DictConfig, callbacks: Sequence[StepCallback] = ()) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except TrainingError as e:
+    except (TrainingError, WriteFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if is_coordinator():

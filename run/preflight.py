@@ -24,9 +24,10 @@ from data.tokenizers import Tokenizer, build_tokenizer
 from models import build_model
 from models.memory import ActivationEstimate, estimate_activations
 from optimizers.groups import param_groups
-from torchprime.attention import check_attention_kernel
+from torchprime.attention import TPU_KERNELS, check_attention_kernel
 from torchprime.backend.base import Backend
 from torchprime.chips import CHIPS, Chip, chip_of
+from torchprime.context import context_problems, context_size, splits_sequence
 from torchprime.dtensor_layout import check_dtensor_specs
 from torchprime.errors import ConfigError, Problems
 from torchprime.mesh import Mesh, data_parallel_index, resolve_mesh
@@ -48,8 +49,10 @@ from torchprime.sharding import (
     plan_parameter_specs,
     qkv_spec,
 )
+from torchprime.step_model import StepModel, StepShape, format_step_model, predict_step
 from train_config import TargetConfig, TrainConfig
 from trainers import get_trainer_class
+from trainers.metrics import model_flops_per_token
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +130,13 @@ class Preflight:
     """This host's part of the evaluation batches, cut from the held-out data (None: no
     held-out data)."""
     plan: ShardingPlan | None = None
+    sequence_split: int = 1
+    """Devices each row's sequence is split over: the context axis when the layers'
+    activations are split over it (context parallelism), else 1."""
     activations: ActivationEstimate | None = None
     verdict: FitVerdict | None = None
+    step_model: StepModel | None = None
+    """The roofline of one step on the target chip (when the chip is known)."""
 
     @property
     def ok(self) -> bool:
@@ -196,8 +204,12 @@ def check_no_previous_run(output_dir: Path, resume: str = "never") -> None:
     (trainer.resume=auto or a checkpoint: the run continues in place)."""
     if resume != "never":
         return
+    metrics, checkpoints = output_dir / "metrics.jsonl", output_dir / "checkpoints"
+    # An empty metrics.jsonl is what a run that failed before its first step left behind.
     found = [
-        p.name for p in (output_dir / "metrics.jsonl", output_dir / "checkpoints") if p.exists()
+        p.name
+        for p in (metrics, checkpoints)
+        if p.exists() and not (p == metrics and p.is_file() and p.stat().st_size == 0)
     ]
     if found:
         raise ConfigError(
@@ -319,7 +331,7 @@ def _check_model(pre: Preflight) -> None:
         pre.devices.kind,
         m.is_causal,
         cfg.data.block_size,
-        uses_bias=cfg.data.packing == "document",
+        uses_bias=False,  # document packing hands the kernels segment ids, not a bias
     )
     pre.qkv_spec = problems.attempt(qkv_spec, m.sharding)
     pre.model = model = problems.attempt(build_model, m, cfg.dtype.torch)
@@ -336,6 +348,7 @@ def _check_model(pre: Preflight) -> None:
     if pre.specs is not None and distributed:
         problems.attempt(check_dtensor_specs, model, m.sharding, pre.specs, pre.mesh)
     pre.activation_specs = problems.attempt(plan_activation_specs, model, m.sharding)
+    _check_context(pre)
     problems.attempt(check_remat, model, m.remat)
     opt = cfg.trainer.optimizer
     problems.attempt(param_groups, model, opt.weight_decay, dict(opt.lr_multipliers))
@@ -343,6 +356,30 @@ def _check_model(pre: Preflight) -> None:
         from models.hf import check_matches
 
         problems.attempt(check_matches, m, m.pretrained_path)
+
+
+def _check_context(pre: Preflight) -> None:
+    """Context parallelism (the sequence split over `context`) as configured can run."""
+    cfg, m = pre.cfg, pre.cfg.model
+    if pre.mesh is None or pre.activation_specs is None:
+        pre.skip("context parallelism", "a valid mesh and activation specs")
+        return
+    stack = {id(layer) for layer in pre.model.decoder_layers}
+    names = {name for name, module in pre.model.named_modules() if id(module) in stack}
+    layers = [p for p in pre.activation_specs if p.index is None and p.module in names]
+    split = bool(layers) and all(splits_sequence(p.spec) for p in layers)
+    pre.sequence_split = context_size(pre.mesh) if split else 1
+    engine = "torch.distributed" if cfg.backend in ("cpu", "cuda") else pre.devices.engine
+    pre.problems += context_problems(
+        pre.mesh,
+        cfg.data.block_size,
+        load_balance=m.load_balance_context,
+        kernel=m.attention_kernel,
+        qkv_spec=pre.qkv_spec,
+        num_heads=m.num_attention_heads,
+        engine=engine,
+        sequence_split=split,
+    )
 
 
 def _open_data(pre: Preflight) -> None:
@@ -421,11 +458,34 @@ def _plan(pre: Preflight) -> None:
             cfg.data.block_size,
             cfg.dtype.torch.itemsize,
             layer,
+            sequence_split=pre.sequence_split,
+            segment_ids=cfg.data.packing == "document",
         )
     hbm = target_hbm(cfg, pre.devices)
     if hbm is not None and not cfg.target.problems():
         used = pre.activations.device_bytes if pre.activations else None
         pre.verdict = fit_verdict(pre.plan, *hbm, used)
+    if pre.devices.chip is not None and t.global_batch_size >= 1 and t.grad_accum_steps >= 1:
+        pre.step_model = predict_step(pre.plan, step_shape(cfg, pre.model), pre.devices.chip)
+
+
+def step_shape(cfg: TrainConfig, model: nn.Module) -> StepShape:
+    """What the step model needs of `cfg` and its (meta) model."""
+    m, block = cfg.model, cfg.data.block_size
+    layer = type(model.decoder_layers[0]).__name__
+    return StepShape(
+        model_flops_per_token=model_flops_per_token(model, block),
+        tokens_per_step=cfg.trainer.global_batch_size * block,
+        micro_batches=cfg.trainer.grad_accum_steps,
+        layers=m.num_hidden_layers,
+        hidden=m.hidden_size,
+        kv_dim=m.num_key_value_heads * m.resolved_head_dim,
+        q_dim=m.num_attention_heads * m.resolved_head_dim,
+        heads_over_context=m.attention_kernel in TPU_KERNELS,
+        activation_bytes=cfg.dtype.torch.itemsize,
+        rematerialized=layer in m.remat.activation_checkpoint_layers
+        or bool(m.remat.scan_layers and m.remat.offload_tensors),
+    )
 
 
 def target_hbm(cfg: TrainConfig, devices: Devices) -> tuple[float, str] | None:
@@ -456,6 +516,8 @@ def plan_report(pre: Preflight, max_rows: int = 40) -> str:
         memory = pre.memory_text()
         if memory:
             parts.append("  " + memory.replace("\n", "\n  "))
+        if pre.step_model is not None:
+            parts.append(format_step_model(pre.step_model))
     if pre.problems:
         parts.append(f"error: {pre.error()}")
     return "\n".join(parts)

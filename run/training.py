@@ -5,7 +5,8 @@
    tensor parallelism and FSDP2, `Backend.parallelize`), then each module initialized on the
    host (from the seed, or read from an HF folder) and sent to the devices already sharded
    (torchprime/materialize.py);
-3. activation sharding annotations, then the rewriting for compile time and memory (XLA
+3. activation sharding annotations and, with context parallelism, the sequence layout handed
+   to attention (torchprime/context.py), then the rewriting for compile time and memory (XLA
    linear, remat, scan, offload, barriers: torchprime/rewriting.py), then the mesh handed to
    the Pallas attention kernels;
 4. the trainer, given its checkpoint manager, metrics logger and step callbacks; it restores
@@ -21,10 +22,12 @@ from typing import Any
 
 import torch
 from omegaconf import OmegaConf
+from torch import nn
 
 from run.preflight import Devices, Preflight, preflight
 from torchprime.attention import TPU_KERNELS, KernelPlacement, place_kernels
 from torchprime.backend.base import Backend
+from torchprime.context import SequenceLayout, context_size, place_sequence_layout
 from torchprime.materialize import materialize
 from torchprime.rewriting import apply_rewriting
 from torchprime.sharding import replicated, shard_activations
@@ -65,7 +68,10 @@ def run_training(
         # The runtime's compile, transfer and execution counters: the first thing to read when
         # a run is slower than expected.
         if (report := backend.metrics_report()) is not None:
-            (output_dir / f"xla_metrics_{backend.process_index:05d}.txt").write_text(report)
+            try:
+                (output_dir / f"xla_metrics_{backend.process_index:05d}.txt").write_text(report)
+            except OSError as e:  # a full disk: the run's own error says so
+                log.warning("the XLA metrics report was not written: %s", e)
         if cfg.debug.dump_hlo and not backend.device_kind.startswith("TPU"):
             prune_compiler_dumps(hlo_dir(output_dir) / "xla")
 
@@ -87,30 +93,8 @@ def build_trainer(
     callbacks: Sequence[StepCallback] = (),
 ) -> BaseTrainer:
     """Steps 2 to 4 of this module's story, for a pre-flight without problems."""
-    cfg, mesh, model = pre.cfg, pre.mesh, pre.model
-    torch.manual_seed(cfg.seed)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    backend.parallelize(model, pre.specs, mesh)
-    if cfg.model.pretrained_path:
-        from models.hf import hf_weights_init
-
-        weights = hf_weights_init(cfg.model.pretrained_path)
-        materialize(model, pre.specs, mesh, backend, weights, generator)
-        weights.check_all_used()
-        log.info("model: weights from %s", cfg.model.pretrained_path)
-    else:
-        materialize(model, pre.specs, mesh, backend, model.init_module_weights, generator)
-    n_params = sum(p.numel() for p in model.parameters())
-    log.info("model: %s, %.2fM parameters, %s", cfg.model.name, n_params / 1e6, cfg.dtype)
-    if backend.is_xla:
-        shard_activations(model, pre.activation_specs, mesh, backend)
-        if left := replicated(pre.specs):
-            log.info(
-                "sharding: %d parameters replicated (no pattern): %s", len(left), ", ".join(left)
-            )
-    apply_rewriting(model, cfg.model.remat, backend)
-    if cfg.model.attention_kernel in TPU_KERNELS:
-        place_kernels(model, KernelPlacement(backend, mesh, pre.qkv_spec))
+    cfg, mesh = pre.cfg, pre.mesh
+    model = place_model(pre, backend)
 
     sinks = []
     if cfg.wandb.enabled and is_coordinator():
@@ -139,3 +123,37 @@ def build_trainer(
             else None
         ),
     )
+
+
+def place_model(pre: Preflight, backend: Backend) -> nn.Module:
+    """Steps 2 and 3 of this module's story: the pre-flight's meta model with its weights on
+    the devices (seeded init, or `model.pretrained_path`), sharded, annotated and rewritten,
+    ready for a forward pass. Training and the numerics tool (tools/numerics) both build the
+    model here."""
+    cfg, mesh, model = pre.cfg, pre.mesh, pre.model
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    backend.parallelize(model, pre.specs, mesh)
+    if cfg.model.pretrained_path:
+        from models.hf import hf_weights_init
+
+        weights = hf_weights_init(cfg.model.pretrained_path)
+        materialize(model, pre.specs, mesh, backend, weights, generator)
+        weights.check_all_used()
+        log.info("model: weights from %s", cfg.model.pretrained_path)
+    else:
+        materialize(model, pre.specs, mesh, backend, model.init_module_weights, generator)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("model: %s, %.2fM parameters, %s", cfg.model.name, n_params / 1e6, cfg.dtype)
+    if backend.is_xla:
+        shard_activations(model, pre.activation_specs, mesh, backend)
+        if left := replicated(pre.specs):
+            log.info(
+                "sharding: %d parameters replicated (no pattern): %s", len(left), ", ".join(left)
+            )
+    if context_size(mesh) > 1 and cfg.model.attention_kernel not in TPU_KERNELS:
+        place_sequence_layout(model, SequenceLayout(backend, mesh))
+    apply_rewriting(model, cfg.model.remat, backend)
+    if cfg.model.attention_kernel in TPU_KERNELS:
+        place_kernels(model, KernelPlacement(backend, mesh, pre.qkv_spec))
+    return model

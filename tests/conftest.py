@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -103,3 +105,18 @@ def cpu_run(tmp_path_factory):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc
+
+
+@contextlib.contextmanager
+def mounted(target: Path, options: str, fstype: str | None = None):
+    """`mount` at `target` for the block (a read-only bind of itself: `options="bind,ro"`,
+    `fstype=None`; a small disk: `fstype="tmpfs", options="size=16m"`). Skips the test where
+    mounting is not allowed (it needs root, or CAP_SYS_ADMIN in a container)."""
+    target.mkdir(parents=True, exist_ok=True)
+    args = ["mount", "-o", options, *(["-t", fstype, fstype] if fstype else [target]), target]
+    if shutil.which("mount") is None or subprocess.run(args, capture_output=True).returncode:
+        pytest.skip(f"cannot mount here (mount -o {options}): needs root")
+    try:
+        yield target
+    finally:
+        subprocess.run(["umount", "-l", target], capture_output=True)

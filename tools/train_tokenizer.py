@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import queue
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -49,6 +51,78 @@ def limit_bytes(texts: Iterable[str], max_bytes: int | None) -> Iterator[str]:
         yield text
 
 
+class ReadAhead:
+    """Documents read on a thread of our own and handed over in batches of plain strings.
+
+    `tokenizers` drives the iterator given to `train_from_iterator` from its rayon worker
+    threads (BpeTrainer.feed bridges it into a parallel iterator), each taking the GIL through
+    a thread state made for that one refill. Run there, the `datasets` stream's generators end
+    on such a thread and drop the last reference to the IterableDataset, whose `_epoch` is a
+    shared-memory torch tensor; torch frees it under pybind11's own GIL guard, which deletes a
+    thread state that is not the current one: a segmentation fault in about one run of three.
+    Here every `datasets` object is made, read and freed on the reading thread, and the worker
+    threads only take lists of str from a queue. The queue is bounded, so the corpus is still
+    streamed. An error while reading ends the batches and is raised by `raise_error`, in the
+    caller's thread, after training returns (never through the tokenizers library).
+    """
+
+    _END = None
+
+    def __init__(self, texts: Iterable[str], batch: int = 256, depth: int = 8):
+        self._queue: queue.Queue[list[str] | None] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._read, args=(texts, batch), name="corpus-reader", daemon=True
+        )
+        self._thread.start()
+
+    def _put(self, item: list[str] | None) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _read(self, texts: Iterable[str], batch: int) -> None:
+        try:
+            chunk: list[str] = []
+            for text in texts:
+                chunk.append(text)
+                if len(chunk) == batch:
+                    if not self._put(chunk):
+                        return
+                    chunk = []
+            if chunk:
+                self._put(chunk)
+        except BaseException as e:  # raised again by raise_error, in the caller's thread
+            self._error = e
+        finally:
+            del texts  # the generators (and the datasets objects) are freed on this thread
+            self._put(self._END)
+
+    def __iter__(self) -> ReadAhead:
+        return self
+
+    def __next__(self) -> list[str]:
+        item = self._queue.get()
+        if item is self._END:
+            self._queue.put(self._END)  # every later call ends too
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        """Stop the reader (if training ended early) and wait for it."""
+        self._stop.set()
+        self._thread.join()
+
+    def raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int, out: Path, min_frequency: int = 2) -> Path:
     """Train byte-level BPE on `texts` and write the tokenizer folder `out`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -69,7 +143,12 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out: Path, min_frequency: i
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(texts, trainer)
+    batches = ReadAhead(texts)
+    try:
+        tok.train_from_iterator(batches, trainer)
+    finally:
+        batches.close()
+    batches.raise_error()
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))
     specials = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}

@@ -8,7 +8,15 @@ model's attention modules from outside. torch_xla is imported inside the functio
 there.
 
 Sequences are padded up to the kernels' block sizes (a causal model never attends to the
-padding, which comes after every real token) and the output is cut back.
+padding, which comes after every real token) and the output is cut back. Packed documents
+reach the kernels as segment ids, through their own arguments (flash: q_segment_ids and
+kv_segment_ids; splash: decoder_segment_ids), never as a [T, T] bias.
+
+With context parallelism the kernels split heads over `context` (model.sharding.qkv puts it
+on the heads entry): each device runs the kernel on the whole sequence for its heads. torch_xla
+2.9's kernels cannot take a query shard with the keys of the whole sequence (their causal
+mask starts both at 0, and splash refuses a sequence split), so the all-gather of keys and
+values is the eager/sdpa path's (torchprime/context.py).
 """
 
 from __future__ import annotations
@@ -122,7 +130,9 @@ def check_attention_kernel(
     uses_bias: bool,
     key: str = "model",
 ) -> None:
-    """Everything that would stop a kernel on the device, said before the run starts."""
+    """Everything that would stop a kernel on the device, said before the run starts.
+    `seq_len` is the sequence each device's kernel runs on; `uses_bias`: an additive
+    attention bias is passed (segment ids are not a bias: every kernel takes them)."""
     if kernel not in TPU_KERNELS:
         if overrides:
             raise ConfigError(
@@ -151,8 +161,8 @@ def check_attention_kernel(
             )
     if kernel == "splash" and uses_bias:
         raise ConfigError(
-            f"{key}.attention_kernel=splash takes no elementwise attention bias (the data "
-            "pipeline makes one); use flash, or a packing without a bias."
+            f"{key}.attention_kernel=splash takes no elementwise attention bias; use flash, "
+            "or express the mask as segment ids."
         )
     if not is_causal and padded_length(kernel, sizes, seq_len) != seq_len:
         raise ConfigError(
@@ -169,10 +179,12 @@ def tpu_attention(
     v: torch.Tensor,
     is_causal: bool,
     bias: torch.Tensor | None,
+    segment_ids: torch.Tensor | None,
     overrides: dict[str, int],
     placement: KernelPlacement | None,
 ) -> torch.Tensor:
-    """softmax(q kᵀ / √D + bias) v on a TPU kernel; q, k, v: [B, H, T, D], same head count."""
+    """softmax(q kᵀ / √D + bias) v on a TPU kernel; q, k, v: [B, H, T, D], same head count;
+    segment_ids [B, T] (packed documents) through the kernel's own segment-id arguments."""
     if placement is None:
         raise RuntimeError(
             f"attention_kernel={kernel}: the kernel runs on a mesh, and this model was given "
@@ -185,15 +197,20 @@ def tpu_attention(
         q, k, v = (F.pad(t, (0, 0, 0, padded - T)) for t in (q, k, v))
         if bias is not None:
             bias = F.pad(bias, (0, padded - T, 0, padded - T))
+        if segment_ids is not None:
+            # The padding is a segment of its own: no real token attends to it.
+            segment_ids = F.pad(segment_ids, (0, padded - T), value=-1)
     mesh = placement.backend.xla_mesh(placement.mesh)
+    if segment_ids is not None:
+        segment_ids = segment_ids.to(torch.int32)  # the kernels' index type
     if kernel == "flash":
-        out = _flash(q, k, v, is_causal, bias, sizes, mesh, placement.qkv_spec)
+        out = _flash(q, k, v, is_causal, bias, segment_ids, sizes, mesh, placement.qkv_spec)
     else:
-        out = _splash(q, k, v, is_causal, sizes, mesh, placement.qkv_spec)
+        out = _splash(q, k, v, is_causal, segment_ids, sizes, mesh, placement.qkv_spec)
     return out[:, :, :T]
 
 
-def _flash(q, k, v, is_causal, bias, sizes, mesh, spec):
+def _flash(q, k, v, is_causal, bias, segment_ids, sizes, mesh, spec):
     from torch_xla.experimental.custom_kernel import FlashAttention, flash_attention
 
     # torch_xla reads the block sizes from this class attribute at trace time.
@@ -205,6 +222,8 @@ def _flash(q, k, v, is_causal, bias, sizes, mesh, spec):
         k,
         v,
         causal=is_causal,
+        q_segment_ids=segment_ids,
+        kv_segment_ids=segment_ids,
         sm_scale=1.0 / math.sqrt(q.shape[-1]),
         ab=bias,
         partition_spec=spec,
@@ -212,7 +231,7 @@ def _flash(q, k, v, is_causal, bias, sizes, mesh, spec):
     )
 
 
-def _splash(q, k, v, is_causal, sizes, mesh, spec):
+def _splash(q, k, v, is_causal, segment_ids, sizes, mesh, spec):
     from torch_xla.experimental.splash_attention import SplashAttentionConfig, splash_attention
 
     config = SplashAttentionConfig(
@@ -222,4 +241,11 @@ def _splash(q, k, v, is_causal, sizes, mesh, spec):
         **sizes,
     )
     # The kernel does not scale the scores itself.
-    return splash_attention(q / math.sqrt(q.shape[-1]), k, v, config.to_json(), causal=is_causal)
+    return splash_attention(
+        q / math.sqrt(q.shape[-1]),
+        k,
+        v,
+        config.to_json(),
+        decoder_segment_ids=segment_ids,
+        causal=is_causal,
+    )

@@ -1,7 +1,13 @@
 """The accelerator chips a config can target: one table for peak FLOP/s (mfu), HBM (the plan's
-verdict) and chips per host (the batch split over hosts). Figures are Cloud TPU's published
-per-chip system specs (cloud.google.com/tpu/docs/system-architecture-tpu-vm and the v4, v5e,
-v5p and v6e pages): dense bfloat16 peak, HBM capacity."""
+verdict), chips per host (the batch split over hosts) and the bandwidths the step model
+(torchprime/step_model.py) divides by.
+
+Figures are Cloud TPU's published per-chip specs, from the "System architecture" tables of
+cloud.google.com/tpu/docs/v4, /v5e, /v5p and /v6e: dense bfloat16 peak, HBM capacity and
+bandwidth, bidirectional inter-chip interconnect (ICI) bandwidth per chip. Data-center network
+(DCN) bandwidth per chip: v5p's page gives 50 Gbps; v5e's gives 6.4 Tbps per 256-chip pod
+(25 Gbps a chip). A figure the pages do not give is None, and the step model says what it
+could not compute without it."""
 
 from __future__ import annotations
 
@@ -25,6 +31,12 @@ class Chip:
     """High-bandwidth memory of one chip."""
     chips_per_host: int = 4
     """Chips per TPU VM host on multi-host slices."""
+    hbm_bandwidth: float | None = None
+    """Bytes/s between one chip and its HBM."""
+    ici_bandwidth: float | None = None
+    """Bytes/s in and out of one chip over the inter-chip interconnect (all links, both ways)."""
+    dcn_bandwidth: float | None = None
+    """Bytes/s of one chip's share of its host's data-center network."""
 
     @property
     def device_kind(self) -> str:
@@ -32,11 +44,33 @@ class Chip:
         return f"TPU {self.name}"
 
 
+GB = 1e9
+
 CHIPS: dict[ChipName, Chip] = {
-    ChipName.v4: Chip(ChipName.v4, peak_flops=275e12, hbm_gib=32.0),
-    ChipName.v5e: Chip(ChipName.v5e, peak_flops=197e12, hbm_gib=16.0),
-    ChipName.v5p: Chip(ChipName.v5p, peak_flops=459e12, hbm_gib=95.0),
-    ChipName.v6e: Chip(ChipName.v6e, peak_flops=918e12, hbm_gib=32.0),
+    ChipName.v4: Chip(ChipName.v4, peak_flops=275e12, hbm_gib=32.0, hbm_bandwidth=1200 * GB),
+    ChipName.v5e: Chip(
+        ChipName.v5e,
+        peak_flops=197e12,
+        hbm_gib=16.0,
+        hbm_bandwidth=819 * GB,
+        ici_bandwidth=400 * GB,
+        dcn_bandwidth=25e9 / 8,
+    ),
+    ChipName.v5p: Chip(
+        ChipName.v5p,
+        peak_flops=459e12,
+        hbm_gib=95.0,
+        hbm_bandwidth=2765 * GB,
+        ici_bandwidth=1200 * GB,
+        dcn_bandwidth=50e9 / 8,
+    ),
+    ChipName.v6e: Chip(
+        ChipName.v6e,
+        peak_flops=918e12,
+        hbm_gib=32.0,
+        hbm_bandwidth=1638 * GB,
+        ici_bandwidth=800 * GB,
+    ),
 }
 
 

@@ -20,6 +20,13 @@ SpecEntry = str | tuple[str, ...] | None
 PartitionSpec = tuple[SpecEntry, ...]
 
 
+def axes_of(entry: SpecEntry) -> tuple[str, ...]:
+    """The mesh axes a partition spec entry splits a dimension over."""
+    if entry is None:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 @dataclass
 class MeshAxesConfig:
     """Devices along each mesh axis. The product over `ici_mesh` × `dcn_mesh` must equal the

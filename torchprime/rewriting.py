@@ -214,34 +214,40 @@ class _CarryLayer(nn.Module):
     """One layer as a scan step: carry (x, *shared) → (layer(x, *shared), *shared).
 
     Inputs that are None (no attention bias, say) are left out of the carry, which holds
-    tensors only, and put back in their places for the layer.
+    tensors only, and put back in their places for the layer. Integer inputs (segment ids,
+    token places) travel as float32, which holds them exactly below 2**24: torch_xla's scan
+    makes every carried tensor require gradients, which integer tensors cannot.
     """
 
-    def __init__(self, layer: nn.Module, none_at: tuple[bool, ...]):
+    def __init__(self, layer: nn.Module, dtypes: tuple[torch.dtype | None, ...]):
         super().__init__()
         self.layer = layer
-        self.none_at = none_at
+        self.dtypes = dtypes
 
     def forward(self, x: torch.Tensor, *shared: torch.Tensor):
         it = iter(shared)
-        full = [None if is_none else next(it) for is_none in self.none_at]
+        full = [None if dtype is None else next(it).to(dtype) for dtype in self.dtypes]
         return (self.layer(x, *full), *shared)
+
+
+def _carried(t: torch.Tensor) -> torch.Tensor:
+    return t if t.is_floating_point() else t.float()
 
 
 def _scan_forward(
     stack: nn.ModuleList, backend: Backend, remat: bool, pure: bool, offloaded: frozenset[str]
 ) -> None:
-    # Wrappers are kept per pattern of absent inputs, so that a pure scan finds its traced
-    # layer again on the next step instead of tracing a new one.
-    wrappers: dict[tuple[bool, ...], list[_CarryLayer]] = {}
+    # Wrappers are kept per pattern of absent inputs and dtypes, so that a pure scan finds its
+    # traced layer again on the next step instead of tracing a new one.
+    wrappers: dict[tuple[torch.dtype | None, ...], list[_CarryLayer]] = {}
 
     def scanned(self: nn.ModuleList, base_forward, x: torch.Tensor, *shared: Any) -> torch.Tensor:
-        none_at = tuple(s is None for s in shared)
-        if none_at not in wrappers:
-            wrappers[none_at] = [_CarryLayer(layer, none_at) for layer in self]
-        carry = (x, *(s for s in shared if s is not None))
+        dtypes = tuple(None if s is None else s.dtype for s in shared)
+        if dtypes not in wrappers:
+            wrappers[dtypes] = [_CarryLayer(layer, dtypes) for layer in self]
+        carry = (x, *(_carried(s) for s in shared if s is not None))
         return backend.scan_layers(
-            wrappers[none_at], carry, remat=remat, pure=pure, offloaded=offloaded
+            wrappers[dtypes], carry, remat=remat, pure=pure, offloaded=offloaded
         )[0]
 
     _swap_forward(stack, scanned)

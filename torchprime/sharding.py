@@ -27,8 +27,9 @@ from torchprime.backend.base import Backend
 from torchprime.errors import ConfigError, Problems, closest
 from torchprime.mesh import AXES, Mesh, PartitionSpec
 
-#: The input batch [batch, sequence]: rows split over every data-parallel axis.
-BATCH_SPEC: PartitionSpec = (("data", "fsdp"), None)
+#: The input batch [batch, sequence]: rows split over every data-parallel axis, the sequence
+#: over `context` (context parallelism, torchprime/context.py; one device by default).
+BATCH_SPEC: PartitionSpec = (("data", "fsdp"), "context")
 
 
 @dataclass

@@ -376,6 +376,9 @@ class BaseTrainer:
         record waits for the evaluation's values."""
         values = {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
         consecutive = int(values.pop("consecutive_skips"))
+        # Rows the data pipeline left out (data.on_bad_row=skip), read ahead ones included.
+        if skipped_rows := getattr(self.data.batches, "skipped_rows", 0):
+            values["skipped_rows"] = skipped_rows
         self.metrics.log(step, values, hold=evaluating)
         limit = self.cfg.max_consecutive_skips
         if limit is not None and consecutive >= limit:

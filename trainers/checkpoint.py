@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from torchprime.backend.base import Backend
-from trainers.hosts import barrier, broadcast_from_coordinator, is_coordinator, process_index
+from trainers.hosts import (
+    barrier,
+    broadcast_from_coordinator,
+    gather_from_hosts,
+    is_coordinator,
+    process_index,
+)
+from trainers.storage import WriteFailed, describe_write_failure, os_error_in
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +63,28 @@ def _quiet_library_warnings():
         ):
             warnings.filterwarnings("ignore", message=message)
         yield
+
+
+#: The function DCP's writer threads run (their names end with it).
+_DCP_WRITER = "_write_files_from_queue"
+
+
+def _quiet_writer_threads() -> None:
+    """DCP's writer threads print their own traceback when a write fails (a full disk), maybe
+    after dcp.save has raised the same error, which the save reports in one line: their
+    tracebacks go to the log at debug level instead. Other threads keep the usual hook."""
+    previous = threading.excepthook
+    if getattr(previous, "quiets_dcp_writers", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if args.thread is not None and args.thread.name.endswith(f"({_DCP_WRITER})"):
+            log.debug("checkpoint writer thread failed: %r", args.exc_value)
+        else:
+            previous(args)
+
+    hook.quiets_dcp_writers = True
+    threading.excepthook = hook
 
 
 def checkpoint_dir(root: Path, step: int) -> Path:
@@ -99,18 +130,31 @@ def save_checkpoint(
     backend.wait_device_ops()
     barrier()  # no host writes into the folder while the coordinator still clears it
     save_planner, _ = backend.checkpoint_planners()
-    with _quiet_library_warnings():
-        dcp.save(
-            state,
-            storage_writer=dcp.FileSystemWriter(str(tmp), thread_count=WRITER_THREADS),
-            planner=save_planner,
-            no_dist=not dist.is_initialized(),
-        )
-    host = {"step": step, **(host_state or {})}
-    host_file(tmp, process_index(backend)).write_text(json.dumps(host) + "\n")
-    barrier()  # every host's files are in before the coordinator seals the folder
-    problem = None
-    if lead:
+    written = None  # this host's failure to write its files, if any
+    try:
+        _quiet_writer_threads()
+        with _quiet_library_warnings():
+            dcp.save(
+                state,
+                storage_writer=dcp.FileSystemWriter(str(tmp), thread_count=WRITER_THREADS),
+                planner=save_planner,
+                no_dist=not dist.is_initialized(),
+            )
+        host = {"step": step, **(host_state or {})}
+        host_file(tmp, process_index(backend)).write_text(json.dumps(host) + "\n")
+    except BaseException as e:  # DCP's CheckpointException is a BaseException
+        if os_error_in(e) is None:
+            raise
+        written = describe_write_failure(f"checkpoint of step {step}", tmp, e)
+        # DCP raises without joining its other writer threads: let them fail too before the
+        # folder is removed, so none writes into it afterwards.
+        for thread in threading.enumerate():
+            if thread.name.endswith(f"({_DCP_WRITER})"):
+                thread.join(timeout=60)
+    # Every host's files are in (or one failed) before the coordinator seals the folder.
+    problem = next((p for p in gather_from_hosts(written) if p is not None), None)
+    write_failed = problem is not None
+    if lead and problem is None:
         try:
             _check_all_written(tmp, state)
             (tmp / COMPLETE).write_text(json.dumps({"step": step}) + "\n")
@@ -122,12 +166,30 @@ def save_checkpoint(
                 for old in [p for p in step_dirs(root) if is_complete(p)][keep:]:
                     shutil.rmtree(old, ignore_errors=True)
         except Exception as e:  # noqa: BLE001 - every host must learn of it, not hang
-            problem = f"{type(e).__name__}: {e}"
+            write_failed = os_error_in(e) is not None
+            problem = (
+                describe_write_failure(f"checkpoint of step {step}", tmp, e)
+                if write_failed
+                else f"checkpoint of step {step} failed: {type(e).__name__}: {e}"
+            )
     # The folder is final (or the save failed) for every host before any goes on.
-    problem = broadcast_from_coordinator(problem)
-    if problem is not None:
-        raise RuntimeError(f"checkpoint of step {step} failed: {problem}")
-    return final
+    problem, write_failed = broadcast_from_coordinator((problem, write_failed))
+    if problem is None:
+        return final
+    if lead and tmp.exists():
+        shutil.rmtree(tmp, ignore_errors=True)  # a partial checkpoint is of no use
+    if not write_failed:
+        raise RuntimeError(problem)
+    earlier = [p.name for p in step_dirs(root) if is_complete(p)]
+    raise WriteFailed(
+        f"{problem}. The partial folder was removed; "
+        + (
+            f"the earlier checkpoints ({', '.join(earlier)}) and metrics.jsonl are intact: "
+            "make room, then run the same command with trainer.resume=auto to continue."
+            if earlier
+            else "no earlier checkpoint exists; metrics.jsonl is intact. Make room and start again."
+        )
+    )
 
 
 def _flat_keys(state: dict[str, Any], prefix: str = "") -> list[str]:
@@ -192,7 +254,8 @@ def load_checkpoint(path: Path, state: dict[str, Any], backend: Backend) -> dict
                 planner=load_planner,
                 no_dist=not dist.is_initialized(),
             )
-    except Exception as e:  # noqa: BLE001 - DCP wraps reader errors in its own types
+    # DCP wraps reader errors in its own types; its CheckpointException is a BaseException.
+    except (Exception, CheckpointException) as e:  # noqa: BLE001
         raise CorruptCheckpoint(f"loading failed ({type(e).__name__}: {_first_line(e)})") from e
     record: dict[str, Any] = {"step": int(complete["step"])}
     hosts = host_file(path, process_index(backend))

@@ -96,6 +96,9 @@ class CheckpointManager:
         if self.resume == "never":
             return None
         candidates = self._candidates()
+        # The state's tensors may still be in flight (weights just placed, the optimizer's
+        # state just made): XLA refuses to read a tensor's data while an op writes it.
+        self.backend.wait_device_ops()
         failed = []
         for path in candidates:
             before = self.backend.compile_count()

@@ -3,6 +3,7 @@ FLOPs utilization (mfu) is computed from."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -11,27 +12,43 @@ from typing import Any
 from torch import nn
 
 from torchprime.chips import chip_of
+from trainers.storage import WriteFailed, describe_write_failure
 
 
 class MetricsFile:
-    """Appends records to a JSON-lines file, flushed at once so a crash loses nothing logged."""
+    """Appends records to a JSON-lines file, flushed at once so a crash loses nothing logged.
+    The file is created with the first record: a run that fails before it logged a step leaves
+    no metrics.jsonl behind, so the same command may run again in the same folder."""
 
     def __init__(self, path: Path):
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(path, "a", encoding="utf-8")
+        self._file = None
 
     def write(self, record: dict[str, Any]) -> None:
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a", encoding="utf-8")
         # JSON has no NaN / inf: write them as null rather than as invalid JSON.
         clean = {
             k: (None if isinstance(v, float) and not math.isfinite(v) else v)
             for k, v in record.items()
         }
-        self._file.write(json.dumps(clean) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(clean) + "\n")
+            self._file.flush()
+        except OSError as e:
+            # The records before this one are on disk; a line cut here is dropped on resume.
+            raise WriteFailed(
+                describe_write_failure(f"metrics of step {record.get('step')}", self.path, e)
+                + ". The checkpoints are intact: make room, then run the same command with "
+                "trainer.resume=auto to continue."
+            ) from None
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            # Closing flushes what a failed write left in the buffer, and fails the same way.
+            with contextlib.suppress(OSError):
+                self._file.close()
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -25,6 +25,9 @@ from trainers.metrics import MetricsFile, truncate_metrics
 
 log = logging.getLogger(__name__)
 
+#: Metrics that are counts, written as integers.
+COUNTS = ("skipped_steps", "skipped_rows")
+
 
 class Sink(Protocol):
     """Somewhere else the records go (wandb)."""
@@ -124,7 +127,7 @@ class MetricsLogger:
         tokens_per_sec = steps * self.tokens_per_step / elapsed
         record = {
             "step": step,
-            **{k: (int(v) if k == "skipped_steps" else float(v)) for k, v in values.items()},
+            **{k: (int(v) if k in COUNTS else float(v)) for k, v in values.items()},
             "tokens_per_sec": tokens_per_sec,
             "step_time_s": elapsed / steps,
         }

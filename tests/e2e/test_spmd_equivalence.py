@@ -32,3 +32,23 @@ def test_fsdp_tensor_parallel_one_device_and_eager_agree(tmp_path, xla_run, cpu_
     assert fsdp_tp == pytest.approx(fsdp, rel=1e-5)
     assert single == pytest.approx(fsdp, rel=1e-5)
     assert losses(cpu_run[0]) == pytest.approx(single, rel=1e-4)
+
+
+@requires_xla
+def test_context_parallelism_alone_on_two_devices_gives_the_losses_of_one(tmp_path):
+    """The command a user types: the sequence split over context=2 (packed documents,
+    load-balanced) trains as one device does."""
+    packed = ("data.packing=document",)
+    split = run(
+        tmp_path,
+        "context2",
+        *packed,
+        "cpu_devices=2",
+        "ici_mesh.fsdp=1",
+        "ici_mesh.context=2",
+        "model/sharding=fsdp_cp",
+        "model.load_balance_context=true",
+    )
+    single = run(tmp_path, "one", *packed, "backend=cpu", "ici_mesh.fsdp=1")
+    assert split[2] < split[0]
+    assert split == pytest.approx(single, abs=1e-5)

@@ -1,15 +1,21 @@
-"""Attention: biases that keep packed documents apart, and the TPU kernels' start-up checks."""
+"""Attention: segment ids and biases that keep packed documents apart, and the TPU kernels'
+start-up checks."""
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from conftest import requires_xla
 from models import build_model
 from models.llama import LlamaConfig
 from models.masks import padding_bias, segment_bias
 from torchprime.attention import block_sizes, check_attention_kernel, padded_length
 from torchprime.errors import ConfigError
+from trainers.lm_trainer import model_inputs
 
 
 def make(**overrides):
@@ -75,6 +81,88 @@ def test_block_sizes_are_checked_by_name_and_granularity():
         check(overrides={"block_k": 100})
     with pytest.raises(ConfigError, match="takes no block sizes"):
         check("sdpa", overrides={"block_q": 512}, kind="CPU")
+
+
+def packed_rows(T=48):
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 264, (2, T), generator=g)
+    segments = torch.tensor([[1] * 11 + [2] * 20 + [3] * (T - 31), [1] * 30 + [2] * (T - 30)])
+    starts = torch.cat([torch.ones(2, 1, dtype=torch.bool), segments[:, 1:] != segments[:, :-1]], 1)
+    positions = torch.stack(
+        [
+            torch.cat(
+                [torch.arange(n) for n in row.unique_consecutive(return_counts=True)[1].tolist()]
+            )
+            for row in segments
+        ]
+    )
+    assert starts.sum() == 5
+    return ids, segments, positions
+
+
+@pytest.mark.parametrize("kernel", ["eager", "sdpa"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_segment_ids_give_the_logits_and_gradients_of_the_dense_segment_bias(kernel, causal):
+    model = make(attention_kernel=kernel, is_causal=causal)
+    ids, segments, positions = packed_rows()
+    labels = ids.clone()
+
+    def run(**mask):
+        model.zero_grad()
+        out = model(ids, labels=labels, position_ids=positions, **mask)
+        out.loss.backward()
+        return out.logits, [p.grad.clone() for p in model.parameters()]
+
+    logits, grads = run(segment_ids=segments)
+    ref_logits, ref_grads = run(attention_bias=segment_bias(segments))
+    assert (logits - ref_logits).abs().max() <= 1e-6
+    assert max((g - r).abs().max().item() for g, r in zip(grads, ref_grads)) <= 1e-6
+
+
+class _Shapes(TorchDispatchMode):
+    """Every tensor an op makes: (shape, dtype)."""
+
+    def __init__(self):
+        super().__init__()
+        self.made = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.made.append((tuple(t.shape), t.dtype))
+        return out
+
+
+def test_sdpa_with_segment_ids_never_makes_a_float_mask_per_head_nor_stores_one():
+    model = make(attention_kernel="sdpa")
+    ids, segments, positions = packed_rows(T=48)
+    with _Shapes() as shapes:
+        model(ids, position_ids=positions, segment_ids=segments)
+    B, H, T = 2, 4, 48
+    per_head = [(s, d) for s, d in shapes.made if s == (B, H, T, T)]
+    assert per_head == []
+    masks = {d for s, d in shapes.made if s == (B, 1, T, T)}
+    assert torch.bool in masks  # built in attention, per call, as booleans
+    assert [name for name, _ in model.named_buffers()] == ["model.rotary_emb.inv_freq"]
+
+
+def test_document_batches_reach_the_model_as_segment_ids_not_a_bias():
+    ids, segments, positions = packed_rows()
+    batch = {"input_ids": ids, "labels": ids, "segment_ids": segments, "position_ids": positions}
+    inputs = model_inputs(batch)
+    assert set(inputs) == {"input_ids", "labels", "segment_ids", "position_ids"}
+    assert inputs["segment_ids"] is segments
+
+
+@requires_xla
+def test_the_pallas_calls_match_torch_xla_signatures():
+    from torch_xla.experimental.custom_kernel import flash_attention
+    from torch_xla.experimental.splash_attention import splash_attention
+
+    flash = inspect.signature(flash_attention).parameters
+    assert {"q_segment_ids", "kv_segment_ids", "ab", "partition_spec", "mesh"} <= set(flash)
+    assert "decoder_segment_ids" in inspect.signature(splash_attention).parameters
 
 
 def test_splash_refuses_an_elementwise_bias():

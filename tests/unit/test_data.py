@@ -203,21 +203,21 @@ def test_a_missing_text_field_names_it_and_the_fields_there_are(tmp_path):
     cfg = DataConfig(source="files", path=str(tmp_path), format="json")
     with pytest.raises(ConfigError, match=r"text_field='text'.*fields: content"):
         list(host_texts(cfg, 0, 1))
-    with pytest.raises(ConfigError, match=r"data.text_field='text': row 0 of files .* no such"):
+    with pytest.raises(ConfigError, match=r"data.text_field='text': .*rows.jsonl, row 1: has no"):
         TextBatches(cfg, ByteTokenizer(), batch_size=1)  # checked before any training
 
 
 def test_a_row_that_is_not_text_is_an_error(tmp_path):
     (tmp_path / "rows.jsonl").write_text('{"text": "fine"}\n{"text": 42}\n')
     cfg = DataConfig(source="files", path=str(tmp_path), format="json", block_size=64)
-    with pytest.raises(ConfigError, match=r"text_field='text': row 1 of .* holds int, not text"):
+    with pytest.raises(ConfigError, match=r"rows.jsonl, row 2: field 'text' holds a number \(42\)"):
         next(TextBatches(cfg, ByteTokenizer(), batch_size=1))
 
 
 def test_a_malformed_file_is_an_error_naming_the_source(tmp_path):
     (tmp_path / "rows.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
     cfg = DataConfig(source="files", path=str(tmp_path), format="json")
-    with pytest.raises(ConfigError, match=r"data: cannot read files .*: JSON parse error"):
+    with pytest.raises(ConfigError, match=r"data: .*rows.jsonl, row 2: not valid JSON"):
         TextBatches(cfg, ByteTokenizer(), batch_size=1)
 
 

@@ -136,7 +136,7 @@ def test_the_state_is_plain_json_that_names_its_parts(corpus):
     }
     assert state["batches"] == 1 and state["config"]["block_size"] == 16
     assert len(state["sources"]) == 2
-    assert set(state["sources"][0]) == {"epoch", "docs", "rows", "stream"}
+    assert set(state["sources"][0]) == {"epoch", "docs", "rows", "skipped", "bad_in_pass", "stream"}
     assert set(state["mixture"]) == {"block", "offset"} and len(state["shuffle"]["items"]) == 2
 
 

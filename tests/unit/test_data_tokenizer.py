@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 
+from conftest import ROOT
 from data.config import DataConfig
 from data.pipeline import TextBatches
 from data.tokenizers import build_tokenizer
@@ -104,3 +105,52 @@ def test_a_prefix_is_tokenized_like_the_whole_text(bpe):
         for n in (1, 7, 256, 1000):
             assert tok.encode(text, max_tokens=n) == full[:n]
             assert byte.encode(text, max_tokens=n) == full_bytes[:n]
+
+
+# Runs main() several times per corpus format in one fresh process: the tool used to crash
+# (SIGSEGV, exit -11 here) in about one run of three on JSON lines, when the `datasets` stream
+# was read from the tokenizers library's worker threads. A crash would end the process, so it
+# is not pytest's own.
+_REPEAT = """
+import sys
+from tools.train_tokenizer import main
+root, runs = sys.argv[1], int(sys.argv[2])
+for fmt, corpus in (("json", "jsonl"), ("text", "txt"), ("parquet", "parquet")):
+    for run in range(runs):
+        out = f"{root}/tok-{fmt}-{run}"
+        argv = ["--corpus", f"{root}/{corpus}", "--format", fmt, "--vocab-size", "300"]
+        assert main([*argv, "--out", out, "--min-frequency", "1"]) == 0, (fmt, run)
+        print(fmt, run, "ok", flush=True)
+"""
+
+
+def test_the_tool_trains_again_and_again_on_json_lines_text_and_parquet(tmp_path):
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    words = "the quick brown fox jumps over a lazy dog while bytes pair and merge".split()
+    docs = [" ".join(words[(i * 7 + j) % len(words)] for j in range(30)) for i in range(400)]
+    for name in ("jsonl", "txt", "parquet"):
+        (tmp_path / name).mkdir()
+    for f in range(4):
+        part = docs[f * 100 : (f + 1) * 100]
+        lines = "".join(json.dumps({"text": d}) + "\n" for d in part)
+        (tmp_path / "jsonl" / f"part{f}.jsonl").write_text(lines)
+        (tmp_path / "txt" / f"part{f}.txt").write_text("\n".join(part))
+        pq.write_table(pa.table({"text": part}), tmp_path / "parquet" / f"part{f}.parquet")
+    runs = 4
+    done = subprocess.run(
+        [sys.executable, "-c", _REPEAT, str(tmp_path), str(runs)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, (done.returncode, done.stdout[-500:], done.stderr[-2000:])
+    assert done.stdout.count(" ok") == 3 * runs
+    for fmt in ("json", "text", "parquet"):
+        tok = build_tokenizer(str(tmp_path / f"tok-{fmt}-{runs - 1}"))
+        assert tok.decode(tok.encode("the lazy fox")) == "the lazy fox"

@@ -79,7 +79,8 @@ def test_activation_estimate_of_the_8b_preset_and_what_remat_and_offload_change(
     assert off.kept_bytes == 0 and off.host_bytes == a.kept_bytes
     cfg.model.attention_kernel = "sdpa"  # written-out attention keeps its probabilities too
     sdpa = estimate_activations(cfg.model, remat, mesh, 4, 8192, 2, layer)
-    assert sdpa.working_bytes - a.working_bytes == 32768 * 2 * 32 * 8192
+    # and the boolean causal mask [8192, 8192] made per layer call
+    assert sdpa.working_bytes - a.working_bytes == 32768 * 2 * 32 * 8192 + 8192 * 8192
 
 
 def test_the_verdict_counts_the_activations_when_they_are_estimated():
@@ -89,3 +90,37 @@ def test_the_verdict_counts_the_activations_when_they_are_estimated():
     assert fits.fits and "about 37.00 GiB of activations (estimate)" in fits.text
     oom = fit_verdict(plan, hbm, "a TPU v5p chip", activation_bytes=148 * 2**30)
     assert not oom.fits and oom.text.startswith("LIKELY OUT OF MEMORY")
+
+
+def test_the_sequence_split_over_context_divides_the_per_token_activations():
+    from models.memory import estimate_activations
+    from torchprime.rewriting import RematConfig
+
+    cfg = composed("model=llama3_8b")
+    remat = RematConfig(
+        scan_layers="model.layers", activation_checkpoint_layers=["LlamaDecoderLayer"]
+    )
+    cfg.model.attention_kernel = "splash"
+    by_split = {}
+    for n in (1, 2, 4):
+        mesh = resolve_mesh(MeshAxesConfig(fsdp=64 // n, context=n), MeshAxesConfig(), None)
+        by_split[n] = estimate_activations(
+            cfg.model, remat, mesh, 1, 32768, 2, "LlamaDecoderLayer", sequence_split=n
+        )
+    assert [a.tokens for a in by_split.values()] == [32768, 16384, 8192]
+    for n in (2, 4):  # the Pallas kernels split heads: every term is per token
+        assert by_split[n].kept_bytes * n == by_split[1].kept_bytes
+        assert by_split[n].working_bytes * n == by_split[1].working_bytes
+    # eager gathers keys and values whole (kept per layer) and its probabilities and mask keep
+    # the whole key dimension: those do not fall with the split
+    cfg.model.attention_kernel = "eager"
+    mesh = resolve_mesh(MeshAxesConfig(fsdp=16, context=4), MeshAxesConfig(), None)
+    eager = estimate_activations(cfg.model, remat, mesh, 1, 32768, 2, "LlamaDecoderLayer", 4)
+    documents = estimate_activations(
+        cfg.model, remat, mesh, 1, 32768, 2, "LlamaDecoderLayer", 4, segment_ids=True
+    )
+    kv_gathered = 2 * 8 * 128 * 32768 * 2
+    probs = 8192 * 32 * 32768 * 2
+    mask = 8192 * 32768  # one row: the same bytes with and without segments here
+    assert eager.working_bytes - by_split[4].working_bytes == kv_gathered + probs + mask
+    assert documents.working_bytes == eager.working_bytes

@@ -134,11 +134,28 @@ class XlaBackend(Backend):
         self, batches: Iterable[dict[str, torch.Tensor]], mesh: Mesh, batch_spec: PartitionSpec
     ) -> Iterator[dict[str, torch.Tensor]]:
         # Each host feeds its own part of the global batch; `minibatch` tells torch_xla so, and
-        # it assembles the global array across hosts.
+        # it assembles the global array across hosts. torch_xla 2.9 cannot cut host shards
+        # whose last dimension is split with nothing replicated ("too many indices"), as the
+        # sequence over `context` is: rows [B, T] are sent as [B, N, T / N] split on the middle
+        # dimension and viewed as [B, T] on the device, where that split is the sequence's.
+        split = mesh.size(batch_spec[-1])
+        if split == 1:
+            whole_last = (*batch_spec[:-1], None)  # a 1-device axis named there trips it too
+            sharding = xs.ShardingSpec(
+                self.xla_mesh(mesh), whole_last, minibatch=self.process_count > 1
+            )
+            return iter(pl.MpDeviceLoader(batches, self._device, input_sharding=sharding))
         sharding = xs.ShardingSpec(
-            self.xla_mesh(mesh), batch_spec, minibatch=self.process_count > 1
+            self.xla_mesh(mesh), (*batch_spec, None), minibatch=self.process_count > 1
         )
-        return iter(pl.MpDeviceLoader(batches, self._device, input_sharding=sharding))
+        folded = ({k: _fold_last(v, split) for k, v in b.items()} for b in batches)
+        loaded = pl.MpDeviceLoader(folded, self._device, input_sharding=sharding)
+        return ({k: self._unfold_last(v, mesh, batch_spec) for k, v in b.items()} for b in loaded)
+
+    def _unfold_last(self, t: torch.Tensor, mesh: Mesh, spec: PartitionSpec) -> torch.Tensor:
+        t = t.flatten(-2)
+        xs.mark_sharding(t, self.xla_mesh(mesh), spec)
+        return t
 
     def checkpoint_planners(self) -> tuple[Any, Any]:
         # Sharded XLA tensors are saved shard by shard by these planners, and can be loaded
@@ -235,3 +252,8 @@ class XlaBackend(Backend):
 
     def optimization_barrier_(self, tensors: list[torch.Tensor]) -> None:
         xm.optimization_barrier_(tensors)
+
+
+def _fold_last(t: torch.Tensor, parts: int) -> torch.Tensor:
+    """[..., T] → [..., parts, T / parts] (see XlaBackend.device_loader)."""
+    return t.unflatten(-1, (parts, t.shape[-1] // parts))
