@@ -44,7 +44,8 @@ class TextBatches:
 
     Resume cost: the sources' positions are restored by `datasets` (files before the current
     one are not read; the current file or shard is read again up to the saved example), the
-    rest from the state itself. The state holds the shuffle buffer's documents and the
+    rest from the state itself. The state holds the shuffle buffer's documents, the pieces
+    still to come of each source's current document (data.max_doc_chars), and the
     tokens the packer holds (less than a row plus the rest of the current document): its
     size grows with data.shuffle_buffer and the length of documents.
     """
@@ -72,7 +73,14 @@ class TextBatches:
         specs = source_specs(cfg, key)
         self.readers = [
             SourceReader(
-                s, k, process_index, process_count, holdout, cfg.on_bad_row, cfg.max_bad_rows
+                s,
+                k,
+                process_index,
+                process_count,
+                holdout,
+                cfg.on_bad_row,
+                cfg.max_bad_rows,
+                cfg.max_doc_chars,
             )
             for k, s in specs
         ]
@@ -107,6 +115,7 @@ class TextBatches:
             "block_size": cfg.block_size,
             "packing": cfg.packing,
             "shuffle_buffer": cfg.shuffle_buffer,
+            "max_doc_chars": cfg.max_doc_chars,
             "holdout": asdict(holdout) if holdout is not None else None,
         }
         log.info(
@@ -175,8 +184,9 @@ class TextBatches:
         """The position after the last batch yielded, as JSON data:
         {"version", "config" (what must match on load), "batches" (yielded since the start of
         training), "epoch", "sources": [{"epoch", "docs", "rows", "stream" (the datasets
-        state)}, ...], "mixture": {"block", "offset"} | null, "shuffle": {"rng", "items"} |
-        null, "packing": {"pieces": [[token ids], ...], "head"} | {}}.
+        state), "pieces" (the current row's pieces still to come)}, ...], "mixture": {"block",
+        "offset"} | null, "shuffle": {"rng", "items"} | null, "packing": {"pieces": [[token ids],
+        ...], "head"} | {}}.
         The packer's pieces are shared tuples (never changed); everything else is a copy."""
         sources = [r.state() for r in self.readers]
         return {

@@ -20,6 +20,7 @@ from datasets.table import CastError
 
 from data.config import DataConfig, SourceConfig
 from data.holdout import Holdout
+from data.pieces import split_document
 from data.row_checks import SCAN_ROWS, BadRow, find_bad_rows, row_problem, scan_first_rows
 from torchprime.errors import ConfigError
 
@@ -199,8 +200,12 @@ class SourceReader:
         holdout: Holdout | None = None,
         on_bad_row: str = "error",
         max_bad_rows: int = 0,
+        max_doc_chars: int = 0,
     ):
         self.spec = spec
+        self.max_doc_chars = max_doc_chars
+        """Rows longer than this are read as several documents (data.max_doc_chars; 0: off)."""
+        self._pieces: list[str] = []  # the current row's pieces not yet read, in order
         self.holdout = holdout
         """Which side of the held-out split this reader keeps (None: every document)."""
         self.key = key
@@ -217,7 +222,8 @@ class SourceReader:
         self.epoch = 0
         """Passes completed over this host's part."""
         self.docs = 0
-        """Non-empty documents read in the current pass (of the held-out side it keeps)."""
+        """Non-empty documents (pieces, with max_doc_chars) read in the current pass, of the
+        held-out side it keeps."""
         self.rows = 0
         """Rows (empty documents included) read in the current pass."""
         self._stream: datasets.IterableDataset | None = None
@@ -245,7 +251,9 @@ class SourceReader:
         with self._reading():
             for row in self._host_stream():
                 text = row.get(self.spec.text_field) if isinstance(row, dict) else None
-                if isinstance(text, str) and self._keeps(text):
+                if isinstance(text, str) and any(
+                    self._keeps(p) for p in split_document(text, self.max_doc_chars)
+                ):
                     return
                 if not isinstance(text, str) and self.on_bad_row != "skip":
                     self._bad_row()  # raises
@@ -310,6 +318,11 @@ class SourceReader:
 
     def next_text(self) -> str:
         while True:
+            while self._pieces:
+                piece = self._pieces.pop(0)
+                if self._keeps(piece):
+                    self.docs += 1
+                    return piece
             if self._it is None:
                 self._stream = self._host_stream()
                 if self._start is not None:
@@ -341,9 +354,7 @@ class SourceReader:
             if not isinstance(text, str):
                 self._bad_row()  # raises unless skipping
                 continue
-            if self._keeps(text):
-                self.docs += 1
-                return text
+            self._pieces = split_document(text, self.max_doc_chars)
 
     def state(self) -> dict[str, Any]:
         """The position: JSON data, a copy (the caller may keep it while reading goes on)."""
@@ -355,6 +366,7 @@ class SourceReader:
             "skipped": self.skipped,
             "bad_in_pass": self._bad_in_pass,
             "stream": stream,
+            "pieces": list(self._pieces),
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -363,6 +375,7 @@ class SourceReader:
         self.skipped, self._bad_in_pass = state.get("skipped", 0), state.get("bad_in_pass", 0)
         self._bad_rows = None
         self._start = copy.deepcopy(state["stream"])
+        self._pieces = list(state.get("pieces", []))
 
     def close(self) -> None:
         """Close the open files now rather than at interpreter exit; reading can go on later,
