@@ -187,6 +187,6 @@ def test_the_pre_flight_names_an_eval_batch_the_devices_cannot_split_and_too_man
     pre = preflight(composed("eval.steps=1000"), devices)
     assert len(pre.problems) == 1
     assert pre.problems[0].startswith(
-        "eval.steps=1000 is more than the held-out data (eval.holdout) can fill: it holds 71 "
+        "eval.steps=1000 is more than the held-out data (eval.holdout) can fill: it holds 66 "
         "batches of 8 rows"
     )
