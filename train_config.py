@@ -23,6 +23,7 @@ from torchprime.errors import Problems
 from torchprime.mesh import MeshAxesConfig
 from torchprime.precision import Precision, PrecisionConfig, resolve
 from trainers.config import DebugConfig, ProfileConfig, TrainerConfig, WandbConfig
+from trainers.eval_config import EvalConfig
 
 #: torch_xla 2.9 trains on up to 64 virtual CPU devices; at 128 its autograd engine asserts.
 MAX_CPU_DEVICES = 64
@@ -97,6 +98,11 @@ class TrainConfig:
     model: LlamaConfig = field(default_factory=LlamaConfig)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out evaluation: the data, when, how many batches (trainers/eval_config.py)."""
+    eval_only: bool = False
+    """Evaluate the model of trainer.resume=CHECKPOINT (or model.pretrained_path=HF_DIR) on
+    the eval batches, print the result, write output_dir/eval.json and exit: no training."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
     """Weights & Biases logging (off by default)."""
     profile: ProfileConfig = field(default_factory=ProfileConfig)
@@ -145,6 +151,17 @@ class TrainConfig:
         found += self.model.problems()
         found += self.data.problems()
         found += self.trainer.problems()
+        found += self.eval.problems()
+        if self.eval_only:
+            found.check(
+                self.trainer.resume not in ("never", "auto") or bool(self.model.pretrained_path),
+                "eval_only=true evaluates a checkpoint: give trainer.resume=CHECKPOINT_FOLDER or "
+                "model.pretrained_path=HF_FOLDER.",
+            )
+            found.check(
+                self.eval.has_data,
+                "eval_only=true needs held-out data: set eval.holdout or eval.data.",
+            )
         found += self.profile.problems(self.trainer.max_steps)
         found.check(
             self.data.block_size <= self.model.max_position_embeddings,

@@ -44,7 +44,7 @@ class FileFormat(StrEnum):
     """Parquet, one document a row."""
 
 
-def _source_problems(found: Problems, key: str, source: SourceKind, path: str | None) -> None:
+def source_problems(found: Problems, key: str, source: SourceKind, path: str | None) -> None:
     """A files or hub source needs a path."""
     if source == SourceKind.hub:
         found.check(
@@ -76,7 +76,7 @@ class SourceConfig:
 
     def problems(self, key: str) -> Problems:
         found = Problems()
-        _source_problems(found, key, self.source, self.path)
+        source_problems(found, key, self.source, self.path)
         found.check(
             math.isfinite(self.weight) and self.weight > 0,
             f"{key}.weight={self.weight}: must be a positive number.",
@@ -108,6 +108,12 @@ class DataConfig:
     when it runs out. Empty: the single source given by the keys above."""
     shuffle_buffer: int = 0
     """Documents held in a seeded shuffle buffer (0: off, documents in stream order)."""
+    max_doc_chars: int = 0
+    """Cut a document longer than this many characters into pieces of at most this many, after
+    the last line end that fits (data/pieces.py); each piece is then a document of its own:
+    shuffled, held out (eval.holdout), given its EOS and segment on its own. Long files are
+    then spread through the shuffle buffer instead of filling hundreds of consecutive rows.
+    0: off (documents whole)."""
     tokenizer: str = "byte"
     """byte: UTF-8 bytes as tokens, plus BOS, EOS and pad (vocabulary 259, no files); or the
     path of a local HF tokenizer folder (tokenizer.json, with its special tokens named in
@@ -141,10 +147,14 @@ class DataConfig:
             for i, source in enumerate(self.sources):
                 found += source.problems(f"{key}.sources[{i}]")
         else:
-            _source_problems(found, key, self.source, self.path)
+            source_problems(found, key, self.source, self.path)
         found.check(
             self.shuffle_buffer >= 0,
             f"{key}.shuffle_buffer={self.shuffle_buffer}: must be 0 (off) or more.",
+        )
+        found.check(
+            self.max_doc_chars >= 0,
+            f"{key}.max_doc_chars={self.max_doc_chars}: must be 0 (off) or more.",
         )
         found.check(
             self.block_size >= 2, f"{key}.block_size={self.block_size}: must be at least 2."

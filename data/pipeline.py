@@ -13,6 +13,7 @@ import torch
 
 from collators import get_collator
 from data.config import DataConfig
+from data.holdout import Holdout
 from data.mixture import Mixture
 from data.packing import build_packer
 from data.shuffle import ShuffleBuffer
@@ -43,7 +44,8 @@ class TextBatches:
 
     Resume cost: the sources' positions are restored by `datasets` (files before the current
     one are not read; the current file or shard is read again up to the saved example), the
-    rest from the state itself. The state holds the shuffle buffer's documents and the
+    rest from the state itself. The state holds the shuffle buffer's documents, the pieces
+    still to come of each source's current document (data.max_doc_chars), and the
     tokens the packer holds (less than a row plus the rest of the current document): its
     size grows with data.shuffle_buffer and the length of documents.
     """
@@ -56,7 +58,11 @@ class TextBatches:
         process_index: int = 0,
         process_count: int = 1,
         seed: int = 0,
+        holdout: Holdout | None = None,
+        key: str = "data",
     ):
+        """`holdout`: read only one side of the held-out split (data/holdout.py); `key`: the
+        config key naming the sources in messages."""
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -64,10 +70,19 @@ class TextBatches:
         self.process_count = process_count
         self.packer = build_packer(cfg.packing, cfg.block_size, tokenizer.pad_id)
         self.collate = get_collator(cfg.collator)
-        specs = source_specs(cfg)
+        specs = source_specs(cfg, key)
         self.readers = [
-            SourceReader(s, key, process_index, process_count, cfg.on_bad_row, cfg.max_bad_rows)
-            for key, s in specs
+            SourceReader(
+                s,
+                k,
+                process_index,
+                process_count,
+                holdout,
+                cfg.on_bad_row,
+                cfg.max_bad_rows,
+                cfg.max_doc_chars,
+            )
+            for k, s in specs
         ]
         for reader in self.readers:  # a missing field or an empty part fails now
             reader.check()
@@ -100,10 +115,14 @@ class TextBatches:
             "block_size": cfg.block_size,
             "packing": cfg.packing,
             "shuffle_buffer": cfg.shuffle_buffer,
+            "max_doc_chars": cfg.max_doc_chars,
+            "holdout": asdict(holdout) if holdout is not None else None,
         }
         log.info(
-            "data: %s; %s packing of %d tokens, shuffle buffer %d, host %d of %d",
+            "%s: %s%s; %s packing of %d tokens, shuffle buffer %d, host %d of %d",
+            key,
             ", ".join(f"{describe(s)} (weight {s.weight:g})" for _, s in specs),
+            f", {holdout.describe()}" if holdout is not None else "",
             cfg.packing,
             cfg.block_size,
             cfg.shuffle_buffer,
@@ -165,8 +184,9 @@ class TextBatches:
         """The position after the last batch yielded, as JSON data:
         {"version", "config" (what must match on load), "batches" (yielded since the start of
         training), "epoch", "sources": [{"epoch", "docs", "rows", "stream" (the datasets
-        state)}, ...], "mixture": {"block", "offset"} | null, "shuffle": {"rng", "items"} |
-        null, "packing": {"pieces": [[token ids], ...], "head"} | {}}.
+        state), "pieces" (the current row's pieces still to come)}, ...], "mixture": {"block",
+        "offset"} | null, "shuffle": {"rng", "items"} | null, "packing": {"pieces": [[token ids],
+        ...], "head"} | {}}.
         The packer's pieces are shared tuples (never changed); everything else is a copy."""
         sources = [r.state() for r in self.readers]
         return {
@@ -189,7 +209,7 @@ class TextBatches:
         saved = state["config"]
         for key, now in self._config.items():
             if saved.get(key) != now:
-                name = key if key == "seed" else f"data.{key}"
+                name = {"seed": "seed", "holdout": "eval.holdout"}.get(key, f"data.{key}")
                 if key.startswith("process"):
                     name = f"host {key}"
                 raise ConfigError(

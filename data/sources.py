@@ -19,6 +19,8 @@ from datasets.exceptions import DatasetNotFoundError
 from datasets.table import CastError
 
 from data.config import DataConfig, SourceConfig
+from data.holdout import Holdout
+from data.pieces import split_document
 from data.row_checks import SCAN_ROWS, BadRow, find_bad_rows, row_problem, scan_first_rows
 from torchprime.errors import ConfigError
 
@@ -58,9 +60,9 @@ def local_files(path: str, fmt: str, key: str = "data") -> list[str]:
     return files
 
 
-def source_specs(cfg: DataConfig) -> list[tuple[str, SourceConfig]]:
+def source_specs(cfg: DataConfig, key: str = "data") -> list[tuple[str, SourceConfig]]:
     """(config key, source) of every source: `data.sources`, or the top-level keys as one
-    source of weight 1. The key names the source in error messages."""
+    source of weight 1. The key (`key`, or `key.sources[i]`) names the source in messages."""
     if not cfg.sources:
         single = SourceConfig(
             source=cfg.source,
@@ -71,8 +73,8 @@ def source_specs(cfg: DataConfig) -> list[tuple[str, SourceConfig]]:
             text_field=cfg.text_field,
             weight=1.0,
         )
-        return [("data", single)]
-    return [(f"data.sources[{i}]", s) for i, s in enumerate(cfg.sources)]
+        return [(key, single)]
+    return [(f"{key}.sources[{i}]", s) for i, s in enumerate(cfg.sources)]
 
 
 def describe(spec: SourceLike) -> str:
@@ -195,10 +197,17 @@ class SourceReader:
         key: str,
         process_index: int,
         process_count: int,
+        holdout: Holdout | None = None,
         on_bad_row: str = "error",
         max_bad_rows: int = 0,
+        max_doc_chars: int = 0,
     ):
         self.spec = spec
+        self.max_doc_chars = max_doc_chars
+        """Rows longer than this are read as several documents (data.max_doc_chars; 0: off)."""
+        self._pieces: list[str] = []  # the current row's pieces not yet read, in order
+        self.holdout = holdout
+        """Which side of the held-out split this reader keeps (None: every document)."""
         self.key = key
         self.process_index = process_index
         self.process_count = process_count
@@ -213,7 +222,8 @@ class SourceReader:
         self.epoch = 0
         """Passes completed over this host's part."""
         self.docs = 0
-        """Non-empty documents read in the current pass."""
+        """Non-empty documents (pieces, with max_doc_chars) read in the current pass, of the
+        held-out side it keeps."""
         self.rows = 0
         """Rows (empty documents included) read in the current pass."""
         self._stream: datasets.IterableDataset | None = None
@@ -241,7 +251,9 @@ class SourceReader:
         with self._reading():
             for row in self._host_stream():
                 text = row.get(self.spec.text_field) if isinstance(row, dict) else None
-                if isinstance(text, str) and text:
+                if isinstance(text, str) and any(
+                    self._keeps(p) for p in split_document(text, self.max_doc_chars)
+                ):
                     return
                 if not isinstance(text, str) and self.on_bad_row != "skip":
                     self._bad_row()  # raises
@@ -287,7 +299,17 @@ class SourceReader:
             self.max_bad_rows,
         )
 
+    def _keeps(self, text: str) -> bool:
+        # An empty document would only add an EOS (or a row of padding).
+        return bool(text) and (self.holdout is None or self.holdout.keeps(text))
+
     def _empty(self) -> ConfigError:
+        if self.holdout is not None:
+            return ConfigError(
+                f"{self.key}: {describe(self.spec)} gives host {self.process_index} of "
+                f"{self.process_count} no documents on {self.holdout.describe()} (too few "
+                "documents for that fraction: raise it, or give eval.data)."
+            )
         return ConfigError(
             f"{self.key}: {describe(self.spec)} gives host {self.process_index} of "
             f"{self.process_count} no documents (no rows, or only empty text in "
@@ -296,6 +318,11 @@ class SourceReader:
 
     def next_text(self) -> str:
         while True:
+            while self._pieces:
+                piece = self._pieces.pop(0)
+                if self._keeps(piece):
+                    self.docs += 1
+                    return piece
             if self._it is None:
                 self._stream = self._host_stream()
                 if self._start is not None:
@@ -327,9 +354,7 @@ class SourceReader:
             if not isinstance(text, str):
                 self._bad_row()  # raises unless skipping
                 continue
-            if text:  # an empty document would only add an EOS (or a row of padding)
-                self.docs += 1
-                return text
+            self._pieces = split_document(text, self.max_doc_chars)
 
     def state(self) -> dict[str, Any]:
         """The position: JSON data, a copy (the caller may keep it while reading goes on)."""
@@ -341,6 +366,7 @@ class SourceReader:
             "skipped": self.skipped,
             "bad_in_pass": self._bad_in_pass,
             "stream": stream,
+            "pieces": list(self._pieces),
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -349,6 +375,7 @@ class SourceReader:
         self.skipped, self._bad_in_pass = state.get("skipped", 0), state.get("bad_in_pass", 0)
         self._bad_rows = None
         self._start = copy.deepcopy(state["stream"])
+        self._pieces = list(state.get("pieces", []))
 
     def close(self) -> None:
         """Close the open files now rather than at interpreter exit; reading can go on later,

@@ -54,6 +54,13 @@ def launch(raw: DictConfig, callbacks: Sequence[StepCallback] = ()) -> int:
             # One process per device: the coordinator speaks for the run; the others only
             # warn (their errors still print).
             logging.getLogger().setLevel(logging.WARNING)
+        if cfg.eval_only:
+            from run.evaluation import format_eval, run_eval_only
+
+            result = run_eval_only(cfg, backend, output_dir)
+            if is_coordinator():
+                print(format_eval(result, output_dir))
+            return 0
         resolved = OmegaConf.to_container(raw, resolve=True, enum_to_str=True)
         summary = run_training(cfg, backend, output_dir, resolved, callbacks)
     except ConfigError as e:

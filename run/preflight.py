@@ -18,6 +18,7 @@ from typing import Any
 
 from torch import nn
 
+from data.eval_batches import cut_eval_batches, training_holdout
 from data.pipeline import TextBatches
 from data.tokenizers import Tokenizer, build_tokenizer
 from models import build_model
@@ -125,6 +126,9 @@ class Preflight:
     qkv_spec: PartitionSpec | None = None
     batches: TextBatches | None = None
     """This host's data pipeline, opened (its sources read up to their first document)."""
+    eval_batches: list[dict[str, Any]] | None = None
+    """This host's part of the evaluation batches, cut from the held-out data (None: no
+    held-out data)."""
     plan: ShardingPlan | None = None
     sequence_split: int = 1
     """Devices each row's sequence is split over: the context axis when the layers'
@@ -190,6 +194,7 @@ def preflight(
     _check_model(pre)
     if open_data:
         _open_data(pre)
+        _open_eval_data(pre)
     _plan(pre)
     return pre
 
@@ -401,7 +406,51 @@ def _open_data(pre: Preflight) -> None:
     d = pre.devices
     rows = pre.micro_batch or 1
     pre.batches = pre.problems.attempt(
-        TextBatches, cfg.data, pre.tokenizer, rows, d.host_index, d.hosts, cfg.seed
+        TextBatches,
+        cfg.data,
+        pre.tokenizer,
+        rows,
+        d.host_index,
+        d.hosts,
+        cfg.seed,
+        training_holdout(cfg.eval),
+    )
+
+
+def eval_rows(cfg: TrainConfig) -> int:
+    """Rows of one evaluation batch over all hosts and devices."""
+    t = cfg.trainer
+    return cfg.eval.batch_size or max(1, t.global_batch_size // max(1, t.grad_accum_steps))
+
+
+def _open_eval_data(pre: Preflight) -> None:
+    """The evaluation batches, cut once from the held-out data: a missing or empty source, or
+    fewer batches than eval.steps, fails here."""
+    cfg = pre.cfg
+    if not cfg.eval.has_data:
+        return
+    if pre.tokenizer is None or cfg.data.problems() or cfg.eval.problems() or pre.mesh is None:
+        pre.skip("the held-out data", "a valid data and eval config, tokenizer and mesh")
+        return
+    if cfg.eval.batch_size is None and pre.micro_batch is None:
+        # a training micro-batch that does not split: said once, for training
+        pre.skip("the held-out data", "a trainer.global_batch_size the mesh splits")
+        return
+    rows, ways, hosts = eval_rows(cfg), pre.mesh.size(BATCH_SPEC[0]), pre.devices.hosts
+    if rows % ways or rows % hosts:
+        key = f"eval.batch_size={cfg.eval.batch_size}"
+        if cfg.eval.batch_size is None:
+            key += f" (a training micro-batch, {rows} rows)"
+        pre.problems.append(
+            f"{key} does not split over the {ways} data-parallel devices (data x fsdp) of mesh "
+            f"{pre.mesh.describe()}"
+            + (f" and {hosts} hosts" if hosts > 1 else "")
+            + f": it must be a multiple of {ways if rows % ways else hosts}."
+        )
+        return
+    d = pre.devices
+    pre.eval_batches = pre.problems.attempt(
+        cut_eval_batches, cfg.eval, cfg.data, pre.tokenizer, rows // hosts, d.host_index, d.hosts
     )
 
 

@@ -36,6 +36,7 @@ from train_config import TrainConfig
 from trainers import make_trainer
 from trainers.base_trainer import BaseTrainer
 from trainers.callbacks import StepCallback
+from trainers.evaluator import Evaluator
 from trainers.hosts import gather_from_hosts, is_coordinator
 from trainers.metrics import model_flops_per_token, peak_flops
 from trainers.metrics_logger import TrainSummary
@@ -54,7 +55,7 @@ def run_training(
     """Check `cfg` on `backend`'s devices (every problem in one ConfigError, nothing written
     before), then build the trainer and train; `resolved` is the config wandb records."""
     pre = preflight(cfg, Devices.of_backend(backend), output_dir=output_dir)
-    _add_other_processes_problems(pre)
+    add_other_processes_problems(pre)
     pre.raise_if_problems()
     output_dir.mkdir(parents=True, exist_ok=True)
     if is_coordinator():
@@ -76,7 +77,7 @@ def run_training(
             prune_compiler_dumps(hlo_dir(output_dir) / "xla")
 
 
-def _add_other_processes_problems(pre: Preflight) -> None:
+def add_other_processes_problems(pre: Preflight) -> None:
     """Every process stops when one found a problem (its own data, say): the others would
     otherwise wait for it in their first collective."""
     for rank, problems in enumerate(gather_from_hosts(list(pre.problems))):
@@ -119,6 +120,11 @@ def build_trainer(
             GraphDumper(cfg.debug, backend, output_dir),
             *callbacks,
         ],
+        evaluator=(
+            Evaluator(cfg.eval, pre.eval_batches, backend, mesh, pre.tokenizer, cfg.data.add_bos)
+            if pre.eval_batches is not None
+            else None
+        ),
     )
 
 

@@ -1,5 +1,5 @@
-"""Plot a run's metrics.jsonl: loss over steps, and the learning rate and tokens/s when the run
-logged them.
+"""Plot a run's metrics.jsonl: loss over steps (the held-out eval loss beside the training
+loss when the run evaluated), and the learning rate and tokens/s when the run logged them.
 
     python -m tools.plot_metrics outputs/RUN            # writes outputs/RUN/metrics.png
     python -m tools.plot_metrics path/to/metrics.jsonl --out loss.png
@@ -18,6 +18,11 @@ from typing import Any
 
 #: metrics.jsonl keys drawn, each in its own panel, in this order (loss always).
 PANELS = (("loss", "loss"), ("lr", "learning rate"), ("tokens_per_sec", "tokens/s"))
+#: Keys drawn in the panel of another key: (key, into panel, legend label).
+OVERLAYS = (("eval_loss", "loss", "eval (held-out)"),)
+
+Series = tuple[str, list[int], list[float]]
+"""(legend label, steps, values)."""
 
 
 class MetricsFileError(ValueError):
@@ -49,20 +54,40 @@ def load_records(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def panel_series(records: list[dict[str, Any]]) -> list[tuple[str, list[Series]]]:
+    """(y label, curves) of each panel drawn: a key's values at the steps that logged it (a
+    null value leaves a gap); the eval loss only at the steps that evaluated."""
+    panels = []
+    for key, label in PANELS:
+        if not any(r.get(key) is not None for r in records):
+            continue
+        steps = [r["step"] for r in records if key in r]
+        values = [r[key] if r[key] is not None else float("nan") for r in records if key in r]
+        curves = [("train" if key == "loss" else label, steps, values)]
+        for extra, into, name in OVERLAYS:
+            taken = [r for r in records if into == key and r.get(extra) is not None]
+            if taken:
+                curves.append((name, [r["step"] for r in taken], [r[extra] for r in taken]))
+        panels.append((label, curves))
+    return panels
+
+
 def plot(records: list[dict[str, Any]], out: Path, title: str) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
-    panels = [(k, label) for k, label in PANELS if any(r.get(k) is not None for r in records)]
+    panels = panel_series(records)
     fig, axes = plt.subplots(
         len(panels), 1, figsize=(7, 2.4 * len(panels)), sharex=True, squeeze=False
     )
-    for ax, (key, label) in zip(axes[:, 0], panels):
-        steps = [r["step"] for r in records]
-        values = [r.get(key) if r.get(key) is not None else float("nan") for r in records]
-        ax.plot(steps, values, marker="." if len(steps) < 50 else None, linewidth=1.2)
+    for ax, (label, curves) in zip(axes[:, 0], panels):
+        for name, steps, values in curves:
+            few = len(steps) < 50
+            ax.plot(steps, values, marker="." if few else None, linewidth=1.2, label=name)
+        if len(curves) > 1:
+            ax.legend()
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
     axes[-1, 0].set_xlabel("step")

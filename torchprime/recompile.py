@@ -42,6 +42,9 @@ class RecompileGuard:
         self.reference: tuple[bytes, str] | None = None  # (hash, HLO) of the steady step
         self.step_changed = False
         self.late_compiles = 0
+        self.known_graphs: dict[str, int] = {}
+        """Graphs outside the step compiled once by design (the evaluation's forward): their
+        compile count the first time each ran."""
 
     def before_sync(self, step: int, tensors: list[torch.Tensor]) -> None:
         """Call with the step's outputs (loss, parameters, ...) just before the step runs."""
@@ -82,3 +85,18 @@ class RecompileGuard:
         if self.fail:
             raise RecompileError(message + " (trainer.fail_on_recompile=true)")
         log.warning(message)
+
+    def after_graph(self, step: int, what: str) -> None:
+        """Call after a graph outside the training step ran at `step` (`what`: "the
+        evaluation"). Its first run may compile (that graph's own warm-up, counted in
+        `known_graphs`); any later compilation is reported like one after a step."""
+        if not self.enabled:
+            return
+        if what not in self.known_graphs:
+            count = self.backend.compile_count() or 0
+            self.known_graphs[what] = count - self.compiles
+            self.compiles = count
+            if self.known_graphs[what]:
+                log.info("%s compiled %d graph(s) at step %d", what, self.known_graphs[what], step)
+            return
+        self.after_step(step, what)

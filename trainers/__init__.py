@@ -16,6 +16,7 @@ from trainers.base_trainer import BaseTrainer
 from trainers.callbacks import StepCallback
 from trainers.checkpoint_manager import CheckpointManager
 from trainers.config import TrainerConfig
+from trainers.evaluator import Evaluator
 from trainers.lm_trainer import LMTrainer
 from trainers.metrics_logger import MetricsLogger, Sink
 
@@ -42,6 +43,7 @@ def make_trainer(
     sinks: Sequence[Sink] = (),
     callbacks: Sequence[StepCallback] = (),
     optimizer_state_dtype: torch.dtype | None = None,
+    evaluator: Evaluator | None = None,
 ) -> BaseTrainer:
     """The `cfg.name` trainer of `model`, checkpointing under output_dir/checkpoints and
     logging to output_dir/metrics.jsonl (and `sinks`)."""
@@ -65,5 +67,6 @@ def make_trainer(
         checkpoints,
         metrics,
         callbacks,
+        evaluator,
         optimizer_state_dtype=optimizer_state_dtype,
     )

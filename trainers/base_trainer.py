@@ -36,6 +36,7 @@ from trainers.callbacks import StepCallback
 from trainers.checkpoint_manager import CheckpointManager
 from trainers.config import TrainerConfig
 from trainers.data_position import TrackedBatches
+from trainers.evaluator import EvalResult, Evaluator
 from trainers.hosts import barrier, is_coordinator
 from trainers.metrics_logger import MetricsLogger, TrainSummary
 from trainers.preemption import Preemption
@@ -78,9 +79,12 @@ class BaseTrainer:
         checkpoints: CheckpointManager,
         metrics: MetricsLogger,
         callbacks: Sequence[StepCallback] = (),
+        evaluator: Evaluator | None = None,
         optimizer_state_dtype: torch.dtype | None = None,
     ):
         self.cfg = cfg
+        self.evaluator = evaluator
+        """Held-out evaluation (None: the run has no held-out data)."""
         self.output_dir = output_dir
         self.model = model
         self.backend = backend
@@ -280,14 +284,18 @@ class BaseTrainer:
                 for step in range(self.start_step + 1, self.cfg.max_steps + 1):
                     metrics = self._run_step(step, batches)
                     stopped = self._stop_reason(step, preemption)
-                    if stopped or self._should_log(step):
-                        self.backend.add_step_closure(self._on_metrics, (step, metrics))
+                    evaluating = self._should_evaluate(step)
+                    if stopped or evaluating or self._should_log(step):
+                        self.backend.add_step_closure(self._on_metrics, (step, metrics, evaluating))
                     self._launch(step, [metrics["loss"], *self.model.parameters()], guard)
                     saving = self.checkpoints.should_save(step, self.cfg.max_steps) or bool(stopped)
                     if saving:
                         last_checkpoint = self.checkpoints.save(step, self)
                     try:
                         guard.after_step(step, "the checkpoint save" if saving else "")
+                        if evaluating:
+                            self.evaluate(step)
+                            guard.after_graph(step, "the evaluation")
                     except RecompileError as e:
                         raise TrainingError(str(e)) from None
                     if stopped:
@@ -319,7 +327,25 @@ class BaseTrainer:
             resumed_from=self.resumed_from,
             stopped=stopped,
             hf_export=hf,
+            **self._eval_summary(),
         )
+
+    def _should_evaluate(self, step: int) -> bool:
+        return self.evaluator is not None and self.evaluator.due(step, self.cfg.max_steps)
+
+    def evaluate(self, step: int) -> EvalResult:
+        """The held-out loss after `step`, logged with that step's record."""
+        assert self.evaluator is not None
+        started = time.perf_counter()
+        result = self.evaluator.evaluate(self.model, self.forward, step)
+        self.metrics.log_eval(step, result.record(), time.perf_counter() - started)
+        return result
+
+    def _eval_summary(self) -> dict[str, Any]:
+        if self.evaluator is None or self.evaluator.last is None:
+            return {}
+        best, last = self.evaluator.best, self.evaluator.last
+        return {"eval_best": (best.step, best.loss), "eval_last": (last.step, last.loss)}
 
     def _run_step(
         self, step: int, batches: Iterator[dict[str, torch.Tensor]]
@@ -359,14 +385,17 @@ class BaseTrainer:
             or step == self.cfg.max_steps
         )
 
-    def _on_metrics(self, step: int, metrics: dict[str, torch.Tensor]) -> None:
-        """Runs once the step's values exist (a step closure on XLA)."""
+    def _on_metrics(
+        self, step: int, metrics: dict[str, torch.Tensor], evaluating: bool = False
+    ) -> None:
+        """Runs once the step's values exist (a step closure on XLA). An evaluated step's
+        record waits for the evaluation's values."""
         values = {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
         consecutive = int(values.pop("consecutive_skips"))
         # Rows the data pipeline left out (data.on_bad_row=skip), read ahead ones included.
         if skipped_rows := getattr(self.data.batches, "skipped_rows", 0):
             values["skipped_rows"] = skipped_rows
-        self.metrics.log(step, values)
+        self.metrics.log(step, values, hold=evaluating)
         limit = self.cfg.max_consecutive_skips
         if limit is not None and consecutive >= limit:
             self._abort = (

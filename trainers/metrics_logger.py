@@ -59,6 +59,10 @@ class TrainSummary:
     """Why the run stopped before max_steps (SIGTERM, trainer.stop_at_step), if it did."""
     skipped_steps: int = 0
     hf_export: Path | None = None
+    eval_best: tuple[int, float] | None = None
+    """(step, held-out loss) of the lowest evaluation, when the run evaluated."""
+    eval_last: tuple[int, float] | None = None
+    """(step, held-out loss) of the last evaluation."""
 
 
 class MetricsLogger:
@@ -88,6 +92,9 @@ class MetricsLogger:
         self.skipped_steps = 0
         self._window = (0, 0.0)  # (step, time) of the previous logged step
         self._steady: tuple[int, float] | None = None  # the first logged step's
+        self._held: dict[str, Any] | None = None  # a step's record waiting for its evaluation
+        self._eval_loss: float | None = None  # the last one, for the progress bar
+        self._eval_seconds = 0.0  # spent evaluating since the first logged step
 
     def truncate(self, last_step: int) -> int:
         """Drop the records after `last_step` (a resumed run logs them again); returns how
@@ -110,8 +117,9 @@ class MetricsLogger:
         if self._bar is not None:
             self._bar.update(1)
 
-    def log(self, step: int, values: dict[str, float]) -> dict[str, Any]:
-        """Record the host values of `step`; returns the record as written."""
+    def log(self, step: int, values: dict[str, float], hold: bool = False) -> dict[str, Any]:
+        """Record the host values of `step`; returns the record as written. `hold`: the step
+        is evaluated next, and its record is written with the evaluation (`log_eval`)."""
         now = time.perf_counter()
         prev_step, prev_time = self._window
         elapsed = max(now - prev_time, 1e-9)
@@ -132,17 +140,17 @@ class MetricsLogger:
         compiles = self.backend.compile_count()
         if compiles is not None:
             record["compiles"] = compiles
-        if self._file is not None:
-            self._file.write(record)
-        for sink in self.sinks:
-            sink.log(record)
+        if hold:
+            self._flush_held()
+            self._held = record
+        else:
+            self._write(record)
         self.losses.append(record.get("loss"))
         self.skipped_steps = record.get("skipped_steps", self.skipped_steps)
         self._window = (step, now)
         if self._steady is None:
             self._steady = (step, now)
-        if self._bar is not None:
-            self._bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+        self._show(record)
         if not self.show_bar:
             log.info(
                 "step %d  loss %.4f  lr %.2e  %.0f tok/s",
@@ -153,7 +161,55 @@ class MetricsLogger:
             )
         return record
 
+    def log_eval(self, step: int, values: dict[str, Any], seconds: float = 0.0) -> dict[str, Any]:
+        """Add an evaluation's values to `step`'s record (held by `log`) and write it; a record
+        of its own when the step was not logged. The evaluation's `seconds` are left out of
+        the training throughput."""
+        prev_step, prev_time = self._window
+        self._window = (prev_step, prev_time + seconds)
+        if self._steady is not None:
+            self._eval_seconds += seconds
+        if self._held is not None and self._held["step"] == step:
+            # `compiles` stays the step's: a compilation of the evaluation shows in the next one
+            record, self._held = {**self._held, **values}, None
+        else:
+            self._flush_held()
+            record = {"step": step, **values}
+        self._write(record)
+        self._eval_loss = values.get("eval_loss")
+        self._show(record)
+        log.info(
+            "step %d  eval loss %.4f  ppl %.2f  (%d tokens)",
+            step,
+            values["eval_loss"],
+            values["eval_ppl"],
+            values["eval_tokens"],
+        )
+        for sample in values.get("eval_samples") or []:
+            log.info("step %d  sample %r -> %r", step, sample["prompt"], sample["text"])
+        return record
+
+    def _write(self, record: dict[str, Any]) -> None:
+        if self._file is not None:
+            self._file.write(record)
+        for sink in self.sinks:
+            sink.log(record)
+
+    def _flush_held(self) -> None:
+        if self._held is not None:
+            self._write(self._held)
+            self._held = None
+
+    def _show(self, record: dict[str, Any]) -> None:
+        if self._bar is None or "loss" not in record:
+            return
+        shown = {"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}"}
+        if self._eval_loss is not None:
+            shown["eval_loss"] = f"{self._eval_loss:.4f}"
+        self._bar.set_postfix(**shown)
+
     def close(self, failed: bool) -> None:
+        self._flush_held()
         if self._bar is not None:
             self._bar.close()
         if self._file is not None:
@@ -162,12 +218,13 @@ class MetricsLogger:
             sink.close(failed=failed)
 
     def steady_tokens_per_sec(self, start_step: int, step: int, elapsed: float) -> float:
-        """Tokens/s from the first logged step (which compiles) to the last; over the whole
-        run when fewer than two steps were logged."""
+        """Tokens/s from the first logged step (which compiles) to the last, evaluations left
+        out; over the whole run when fewer than two steps were logged."""
         first_step, first_time = self._steady or (start_step, 0.0)
         last_step, last_time = self._window
         if last_step > first_step:
-            return (last_step - first_step) * self.tokens_per_step / (last_time - first_time)
+            span = last_time - first_time - self._eval_seconds
+            return (last_step - first_step) * self.tokens_per_step / span
         return (step - start_step) * self.tokens_per_step / elapsed
 
     def summary(self, **fields: Any) -> TrainSummary:
@@ -192,6 +249,11 @@ def format_summary(s: TrainSummary) -> str:
     if s.first_loss is not None and s.last_loss is not None:
         drop = 100 * (s.first_loss - s.last_loss) / s.first_loss if s.first_loss else 0.0
         lines.append(f"  loss          {s.first_loss:.4f} -> {s.last_loss:.4f} ({drop:.0f}% lower)")
+    if s.eval_last is not None and s.eval_best is not None:
+        lines.append(
+            f"  eval loss     {s.eval_last[1]:.4f} (last, step {s.eval_last[0]}); best "
+            f"{s.eval_best[1]:.4f} at step {s.eval_best[0]}"
+        )
     if s.skipped_steps:
         lines.append(f"  skipped       {s.skipped_steps} steps (non-finite gradients)")
     lines += [

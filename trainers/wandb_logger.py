@@ -20,6 +20,12 @@ log = logging.getLogger(__name__)
 RUN_ID_FILE = "wandb_run_id"
 
 
+def wandb_key(name: str) -> str:
+    """A metrics.jsonl field's wandb name: evaluation fields in their own section
+    (eval_loss -> eval/loss, eval_ppl -> eval/ppl)."""
+    return "eval/" + name.removeprefix("eval_") if name.startswith("eval_") else name
+
+
 class WandbLogger:
     """One wandb run for the whole training run, resumed across restarts."""
 
@@ -45,7 +51,12 @@ class WandbLogger:
         log.info("wandb: run %s (%s), files in %s", run_id, cfg.mode, directory / "wandb")
 
     def log(self, record: dict[str, Any]) -> None:
-        values = {k: v for k, v in record.items() if k != "step" and v is not None}
+        values = {wandb_key(k): v for k, v in record.items() if k != "step" and v is not None}
+        if "eval/samples" in values:  # text: a table of prompts and their continuations
+            import wandb
+
+            rows = [[s["prompt"], s["text"]] for s in values["eval/samples"]]
+            values["eval/samples"] = wandb.Table(columns=["prompt", "text"], data=rows)
         self.run.log(values, step=int(record["step"]))
 
     def close(self, failed: bool = False) -> None:

@@ -179,6 +179,9 @@ def test_a_four_process_checkpoint_resumes_on_xla_with_four_devices(tmp_path, fo
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [4, 5]
     assert losses(out) == pytest.approx(losses(four_fsdp[0])[3:], rel=1e-5)
+    # The held-out loss after the last step: 4 processes (each its rows, summed) and XLA agree.
+    evaluated = [read_jsonl(o / "metrics.jsonl")[-1]["eval_loss"] for o in (out, four_fsdp[0])]
+    assert evaluated[0] == pytest.approx(evaluated[1], abs=1e-4)
 
 
 @requires_xla

@@ -6,8 +6,8 @@ import json
 
 import torch
 
-from conftest import run_train
-from data.config import DataConfig
+from conftest import composed, run_train
+from data.eval_batches import training_holdout
 from data.pipeline import TextBatches
 from data.tokenizers import ByteTokenizer
 from models import build_model
@@ -36,7 +36,10 @@ def test_training_starts_from_the_checkpoint_weights(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
-    batch = next(iter(TextBatches(DataConfig(), ByteTokenizer(), batch_size=8)))
+    cfg = composed()  # the run's data: shuffled, its held-out share left out
+    batch = next(
+        TextBatches(cfg.data, ByteTokenizer(), 8, seed=cfg.seed, holdout=training_holdout(cfg.eval))
+    )
     with torch.no_grad():
         expected = model(batch["input_ids"], labels=batch["labels"]).loss.item()
     assert abs(first["loss"] - expected) < 1e-5

@@ -89,6 +89,22 @@ def test_a_shuffled_mixture_resumes_exactly(corpus):
     assert min(r.epoch for r in fresh.readers) >= 1  # every source restarted at least once
 
 
+def test_documents_cut_into_pieces_resume_exactly_mid_document(corpus):
+    # pieces of at most 7 characters: most documents are several pieces, and the saved
+    # positions fall between the pieces of one document (its rest is in the state)
+    cfg = DataConfig(
+        sources=list(corpus.values()), block_size=16, shuffle_buffer=4, max_doc_chars=7
+    )
+    fresh = pipeline(cfg)
+    held = []
+    for _ in range(N):
+        next(fresh)
+        held += [p for s in fresh.state_dict()["sources"] for p in s["pieces"]]
+    fresh.close()
+    assert held and all(0 < len(p) <= 7 for p in held)
+    assert_resumes_exactly(cfg)
+
+
 def test_a_resumed_pipeline_saves_a_position_that_resumes_again(corpus):
     cfg = DataConfig(sources=list(corpus.values()), block_size=16, shuffle_buffer=3)
     reference = pipeline(cfg)
@@ -136,7 +152,15 @@ def test_the_state_is_plain_json_that_names_its_parts(corpus):
     }
     assert state["batches"] == 1 and state["config"]["block_size"] == 16
     assert len(state["sources"]) == 2
-    assert set(state["sources"][0]) == {"epoch", "docs", "rows", "skipped", "bad_in_pass", "stream"}
+    assert set(state["sources"][0]) == {
+        "epoch",
+        "docs",
+        "rows",
+        "skipped",
+        "bad_in_pass",
+        "stream",
+        "pieces",
+    }
     assert set(state["mixture"]) == {"block", "offset"} and len(state["shuffle"]["items"]) == 2
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from models import build_model
 from models.llama import LlamaConfig
-from tools.plot_metrics import main
+from tools.plot_metrics import main, panel_series
 from torchprime.backend import select_backend
 from torchprime.mesh import MeshAxesConfig, resolve_mesh
 from trainers import make_trainer
@@ -61,3 +63,18 @@ def test_a_missing_or_empty_file_is_an_error_naming_it(tmp_path, capsys, content
         main([str(tmp_path)])
     assert exit_info.value.code == 2
     assert str(path) in capsys.readouterr().err
+
+
+def test_the_eval_loss_is_drawn_beside_the_training_loss(tmp_path):
+    records = [{"step": s, "loss": 5.0 - s, "lr": 1e-3} for s in range(1, 5)]
+    records[1].update(eval_loss=3.5, eval_ppl=33.1, eval_tokens=100)
+    records[3].update(eval_loss=2.5, eval_ppl=12.2, eval_tokens=100)
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    (label, curves), _ = panel_series(records)
+    assert label == "loss"
+    assert curves == [
+        ("train", [1, 2, 3, 4], [4.0, 3.0, 2.0, 1.0]),
+        ("eval (held-out)", [2, 4], [3.5, 2.5]),
+    ]
+    assert main([str(path)]).read_bytes().startswith(PNG_SIGNATURE)
