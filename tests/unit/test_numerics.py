@@ -80,7 +80,8 @@ def test_bfloat16_against_float32_shows_the_larger_error_it_has():
     ],
 )
 def test_a_perturbed_weight_is_found_at_its_layer(param, found_at):
-    result = run_in_process(new_job(CPU, CPU, perturb={param: 1e-3}, **SHORT))
+    # 1 % of one weight: past 1e-5 at its layer whatever the batch (0.1 % of q_proj is not)
+    result = run_in_process(new_job(CPU, CPU, perturb={param: 1e-2}, **SHORT))
     tensors = by_name(result)
     assert result.comparisons[0].first_past.name == found_at
     before = FORWARD[: FORWARD.index(found_at)]
