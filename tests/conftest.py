@@ -18,6 +18,9 @@ os.environ.setdefault("PJRT_DEVICE", "CPU")
 os.environ.setdefault("CPU_NUM_DEVICES", "4")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("WANDB_MODE", "offline")
+# torch.compile's worker pool forks from this process, which by then runs many threads (XLA,
+# autograd, writers): compile in process instead (a full run once hung in tests/unit/test_compile).
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 HAS_XLA = importlib.util.find_spec("torch_xla") is not None
 if HAS_XLA:
