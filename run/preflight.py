@@ -30,7 +30,7 @@ from torchprime.chips import CHIPS, Chip, chip_of
 from torchprime.context import context_problems, context_size, splits_sequence
 from torchprime.dtensor_layout import check_dtensor_specs
 from torchprime.errors import ConfigError, Problems
-from torchprime.mesh import Mesh, data_parallel_index, resolve_mesh
+from torchprime.mesh import AXES, Mesh, data_parallel_index, resolve_mesh
 from torchprime.plan import (
     FitVerdict,
     ShardingPlan,
@@ -286,11 +286,18 @@ def _resolve_mesh(cfg: TrainConfig, devices: Devices) -> Mesh:
         asked = resolve_mesh(cfg.ici_mesh, cfg.dcn_mesh, None).num_devices
         backend = "backend=" + ("cpu" if devices.kind == "CPU" else "cuda")
         if devices.engine == "eager":
-            raise ConfigError(
-                f"{e} Without torchrun, {backend} runs one process on one device: start one "
-                f"process per mesh device with `torchrun --nproc_per_node={asked} train.py "
-                f"{backend} ...`, or make the mesh one device (e.g. ici_mesh.fsdp=1)."
-            ) from None
+            # One process, one device: the mesh is not applied (as `python train.py
+            # backend=cpu` always did); the warning says how to apply it.
+            log.warning(
+                "%s Without torchrun, %s runs one process on one device, so the mesh is not "
+                "applied: start one process per mesh device with `torchrun "
+                "--nproc_per_node=%d train.py %s ...` to shard.",
+                e,
+                backend,
+                asked,
+                backend,
+            )
+            return Mesh((1,) * len(AXES), (1,) * len(AXES))
         raise ConfigError(
             f"{e} Under torchrun each of the {devices.count} processes is one device: start "
             f"--nproc_per_node={asked} (x nodes), or make the mesh {devices.count} devices."
