@@ -149,6 +149,14 @@ class CheckpointManager:
                 log.warning("resume: skipping %s, which cannot be loaded: %s", path, problem)
                 failed.append(path.name)
                 continue
+            for group in record.pop("missing_groups", []):
+                log.warning(
+                    "resume: %s holds no %s tensors (saved by a run without them); %s starts "
+                    "from fresh values",
+                    path.name,
+                    group,
+                    group,
+                )
             state.load_host_state(record)
             # Materialize what was loaded now, as one small graph, not inside the first step.
             self.backend.sync()
