@@ -45,7 +45,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_hosts_write_one_checkpoint_and_each_reads_back_its_own_record(tmp_path):
+def test_two_hosts_write_one_checkpoint_and_each_reads_back_every_record(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PJRT_DEVICE", "CPU_NUM_DEVICES")}
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2")
     procs = [
@@ -67,7 +67,8 @@ def test_two_hosts_write_one_checkpoint_and_each_reads_back_its_own_record(tmp_p
     )
     for rank, r in enumerate(results):
         assert r["w_ok"] and r["step"] == 10.0
-        assert r["record"] == {"step": 10, "rank": rank, "batches_consumed": 10 + rank}
+        hosts = [{"step": 10, "rank": i, "batches_consumed": 10 + i} for i in range(2)]
+        assert r["record"] == {**hosts[rank], "hosts": hosts}  # every host's, for the data
         assert r["dirs"] == ["step_00000010"]  # keep=1 pruned step 5, once
         assert r["agree"] == [False, True]  # both hosts stop when one received the signal
     folder = tmp_path / "step_00000010"
