@@ -43,7 +43,9 @@ def shard_layout(logical_shards: int | None, global_rows: int, hosts: int) -> tu
             f"data.logical_shards={shards}: a global micro-batch of {global_rows} rows "
             "(trainer.global_batch_size / trainer.grad_accum_steps) takes the same number of "
             f"rows from every shard, so its rows must be a multiple of the shards: choose a "
-            f"divisor of {global_rows} that the {hosts} hosts divide, or null (one shard a row)."
+            f"divisor of {global_rows}"
+            + (f" that the {hosts} hosts divide" if hosts > 1 else "")
+            + ", or null (one shard a row)."
         )
     return shards, global_rows // shards
 
