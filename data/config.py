@@ -107,7 +107,20 @@ class DataConfig:
     weights, in an order fixed by the run's seed; each source starts its next pass on its own
     when it runs out. Empty: the single source given by the keys above."""
     shuffle_buffer: int = 0
-    """Documents held in a seeded shuffle buffer (0: off, documents in stream order)."""
+    """Documents held in seeded shuffle buffers (0: off, documents in stream order), over all
+    logical shards: each shard holds shuffle_buffer / logical_shards of them (rounded up), so
+    a host holds its shards' share."""
+    logical_shards: int | None = None
+    """Independent streams the training rows are read from, each its own part of every source
+    (every logical_shards-th file, or every logical_shards-th document when a source has fewer
+    files), with its own mixture order, shuffle buffer and packing. Row j of every global
+    micro-batch of B rows (trainer.global_batch_size / trainer.grad_accum_steps) comes from
+    shard j // (B / logical_shards), so the rows are a function of the seed, this block and the
+    row's place alone, never of the host count; each host reads only the shards of its own rows
+    and a checkpoint holds every shard's position: a run resumes on any host count that divides
+    logical_shards. Rule, checked at start-up: B is a multiple of logical_shards, which is a
+    multiple of the hosts. null: B (one row of each micro-batch per shard, the most hosts a
+    batch allows). A resume needs the value the checkpoint was written with."""
     max_doc_chars: int = 0
     """Cut a document longer than this many characters into pieces of at most this many, after
     the last line end that fits (data/pieces.py); each piece is then a document of its own:
@@ -151,6 +164,11 @@ class DataConfig:
         found.check(
             self.shuffle_buffer >= 0,
             f"{key}.shuffle_buffer={self.shuffle_buffer}: must be 0 (off) or more.",
+        )
+        found.check(
+            self.logical_shards is None or self.logical_shards >= 1,
+            f"{key}.logical_shards={self.logical_shards}: must be 1 or more (null: the rows of "
+            "a global micro-batch).",
         )
         found.check(
             self.max_doc_chars >= 0,

@@ -30,14 +30,19 @@ def training_holdout(cfg: EvalConfig) -> Holdout | None:
 def eval_data_config(cfg: EvalConfig, data: DataConfig) -> tuple[DataConfig, Holdout | None, str]:
     """(data config, holdout side, config key) of the evaluation stream: eval.data's sources,
     or the training sources' held-out share; the training data's tokenizer, block size,
-    packing and collator; no shuffling."""
+    packing and collator; no shuffling, one stream (one logical shard)."""
     if cfg.data.given:
         sources = {k: getattr(cfg.data, k) for k in SOURCE_KEYS}
         if not cfg.data.source:
             sources["source"] = data.source  # a mixture: `sources` is read
-        return dataclasses.replace(data, **sources, shuffle_buffer=0), None, "eval.data"
+        return (
+            dataclasses.replace(data, **sources, shuffle_buffer=0, logical_shards=1),
+            None,
+            "eval.data",
+        )
     assert cfg.holdout is not None
-    return dataclasses.replace(data, shuffle_buffer=0), Holdout(cfg.holdout, True), "eval.holdout"
+    one_stream = dataclasses.replace(data, shuffle_buffer=0, logical_shards=1)
+    return one_stream, Holdout(cfg.holdout, True), "eval.holdout"
 
 
 def cut_eval_batches(

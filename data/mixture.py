@@ -16,15 +16,18 @@ class Mixture:
     shuffled by a generator seeded with (seed, b). So after any number of blocks each source
     has had its share to within one document (a plain weighted draw would drift by about
     sqrt(n) documents), the order within a block is random, and any position is recomputed
-    from (block, offset) alone: that pair is the whole state.
+    from (block, offset) alone: that pair is the whole state. Each logical shard draws its own
+    sequence (seeded with the shard too; shard 0's is the one a single stream drew before
+    logical shards existed: numpy pads a seed with zeros).
     """
 
     BLOCK = 1000
 
-    def __init__(self, weights: list[float], seed: int):
+    def __init__(self, weights: list[float], seed: int, shard: int = 0):
         total = float(sum(weights))
         self.quotas = [self.BLOCK * w / total for w in weights]
         self.seed = seed % 2**63  # numpy seeds are non-negative
+        self.shard = shard
         self.block = 0
         self.offset = 0
         self._order = self._make_block(0)
@@ -32,7 +35,7 @@ class Mixture:
     def _make_block(self, b: int) -> list[int]:
         counts = [math.floor(q * (b + 1)) - math.floor(q * b) for q in self.quotas]
         order = np.repeat(np.arange(len(counts)), counts)
-        np.random.default_rng([self.seed, 0, b]).shuffle(order)  # stream 0: the mixture
+        np.random.default_rng([self.seed, 0, b, self.shard]).shuffle(order)  # stream 0: the mixture
         return order.tolist()
 
     def next(self) -> int:

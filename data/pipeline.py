@@ -1,10 +1,12 @@
-"""The host's batch stream: sources → mixture → shuffle → tokenizer → packing → collator,
-without end, with a position that can be saved and restored exactly."""
+"""The host's batch stream: logical shards, each sources → mixture → shuffle → tokenizer →
+packing, interleaved into the host's rows of every global batch → collator, without end, with a
+position that can be saved and restored exactly, on any host count."""
 
 from __future__ import annotations
 
 import copy
 import logging
+import math
 import weakref
 from dataclasses import asdict
 from typing import Any
@@ -12,42 +14,180 @@ from typing import Any
 import torch
 
 from collators import get_collator
-from data.config import DataConfig
+from data.config import DataConfig, SourceConfig
 from data.holdout import Holdout
 from data.mixture import Mixture
-from data.packing import build_packer
+from data.packing import Row, build_packer
 from data.shuffle import ShuffleBuffer
-from data.sources import SourceReader, describe, source_specs
+from data.sources import SourceReader, describe, open_source, source_specs
 from data.tokenizers import Tokenizer
 from torchprime.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
+#: 2: one position per logical shard (1, before them: one per host, refused or migrated).
+STATE_VERSION = 2
+
+
+def shard_layout(logical_shards: int | None, global_rows: int, hosts: int) -> tuple[int, int]:
+    """(shards, rows each shard gives a global micro-batch of `global_rows` rows), checked:
+    the rows split evenly over the shards, and the shards over the hosts."""
+    shards = logical_shards or global_rows
+    if shards % hosts:
+        raise ConfigError(
+            f"data.logical_shards={shards} does not split over the {hosts} hosts: each host "
+            f"reads whole shards, so it must be a multiple of {hosts} (and at least {hosts})."
+        )
+    if global_rows % shards:
+        raise ConfigError(
+            f"data.logical_shards={shards}: a global micro-batch of {global_rows} rows "
+            "(trainer.global_batch_size / trainer.grad_accum_steps) takes the same number of "
+            f"rows from every shard, so its rows must be a multiple of the shards: choose a "
+            f"divisor of {global_rows}"
+            + (f" that the {hosts} hosts divide" if hosts > 1 else "")
+            + ", or null (one shard a row)."
+        )
+    return shards, global_rows // shards
+
+
+class ShardStream:
+    """One logical shard's rows, without end: its part of every source, its own mixture order,
+    shuffle buffer and packer, all seeded with (seed, shard)."""
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        tokenizer: Tokenizer,
+        specs: list[tuple[str, SourceConfig]],
+        shard: int,
+        shards: int,
+        seed: int,
+        holdout: Holdout | None,
+        opened: list[tuple[list[str], Any]],
+        scan_files: bool = True,
+    ):
+        """`opened`: each source's (files, stream), opened once for the host's shards;
+        `scan_files`: check the first rows of every file (once a host is enough)."""
+        self.cfg = cfg
+        self.shard = shard
+        self.tokenizer = tokenizer
+        self.packer = build_packer(cfg.packing, cfg.block_size, tokenizer.pad_id)
+        self.readers = [
+            SourceReader(
+                s,
+                k,
+                shard,
+                shards,
+                holdout,
+                cfg.on_bad_row,
+                cfg.max_bad_rows,
+                cfg.max_doc_chars,
+                source,
+            )
+            for (k, s), source in zip(specs, opened)
+        ]
+        for reader in self.readers:  # a missing field or an empty part fails now
+            reader.check(scan_files)
+        # Close the open files when the pipeline goes away, or at exit before the modules are
+        # torn down (a stream generator closed during teardown prints spurious errors).
+        weakref.finalize(self, _close_all, self.readers)
+        weights = [s.weight for _, s in specs]
+        self.mixture = Mixture(weights, seed, shard) if len(specs) > 1 else None
+        buffer = math.ceil(cfg.shuffle_buffer / shards)
+        self.shuffle = ShuffleBuffer(buffer, seed, shard) if buffer else None
+        self._bos = [tokenizer.bos_id] if cfg.add_bos else []
+        # pad packing keeps a row's worth of each document: tokenize no more than that
+        self._max_tokens = cfg.block_size - len(self._bos) if cfg.packing == "pad" else None
+        self._rows = 0
+        # Rows made when each source's current pass began, to tell a source too small for one
+        # row; None while unknown (a pass begun before a restore or while the shuffle buffer
+        # was filling, which reads ahead).
+        self._pass_start_rows: list[int | None] = [
+            0 if self.shuffle is None else None for _ in self.readers
+        ]
+
+    def _next_text(self) -> str:
+        i = self.mixture.next() if self.mixture is not None else 0
+        reader = self.readers[i]
+        epoch = reader.epoch
+        text = reader.next_text()
+        if reader.epoch != epoch:  # the source ran out and began its next pass
+            start = self._pass_start_rows[i]
+            if start is not None and start == self._rows:
+                raise ConfigError(
+                    f"{reader.key}: {describe(reader.spec)} gives {reader.where()} less than "
+                    f"one row of data.block_size={self.cfg.block_size} tokens per pass"
+                    + ("; lower data.logical_shards" if reader.shards > 1 else "")
+                    + "."
+                )
+            full = self.shuffle is None or self.shuffle.full
+            self._pass_start_rows[i] = self._rows if full else None
+        return text
+
+    def _next_doc(self) -> list[int]:
+        text = self.shuffle.next(self._next_text) if self.shuffle is not None else self._next_text()
+        ids = self._bos + self.tokenizer.encode(text, self._max_tokens)
+        ids.append(self.tokenizer.eos_id)
+        return ids
+
+    def next_row(self) -> Row:
+        row = self.packer.next_row(self._next_doc)
+        self._rows += 1
+        return row
+
+    def state(self) -> dict[str, Any]:
+        """{"sources": [{"epoch", "docs", "rows", "stream" (the datasets state), "pieces" (the
+        current row's pieces still to come)}, ...], "mixture": {"block", "offset"} | null,
+        "shuffle": {"rng", "items"} | null, "packing": {"pieces": [[token ids], ...], "head"} |
+        {}}. The packer's pieces are shared tuples (never changed); everything else a copy."""
+        return {
+            "sources": [r.state() for r in self.readers],
+            "mixture": self.mixture.state() if self.mixture is not None else None,
+            "shuffle": self.shuffle.state() if self.shuffle is not None else None,
+            "packing": self.packer.state(),
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        for reader, s in zip(self.readers, state["sources"]):
+            reader.load_state(s)
+        if self.mixture is not None:
+            self.mixture.load_state(state["mixture"])
+        if self.shuffle is not None:
+            self.shuffle.load_state(state["shuffle"])
+        self.packer.load_state(state["packing"])
+        self._pass_start_rows = [None for _ in self.readers]
 
 
 class TextBatches:
-    """Batches of `batch_size` rows for this host, without end: a source that runs out starts
+    """This host's rows of every global micro-batch, without end: a source that runs out starts
     its next pass on its own.
+
+    The rows come from `data.logical_shards` streams (ShardStream); row j of a global
+    micro-batch of B = batch_size x process_count rows is the next row of shard
+    j // (B / shards). Host h holds rows [h x batch_size, (h + 1) x batch_size) (the device
+    loaders place them so), which come from shards [h x shards / hosts, (h + 1) x shards /
+    hosts): it opens, reads and tokenizes only those. The global batches are therefore the
+    same on any host count.
 
     Iterating yields dicts of int64 [batch_size, block_size] tensors (collators/). The object
     is its own iterator: `iter()` continues where the last batch left off.
 
-    `state_dict()` is the position after the last batch yielded; `load_state_dict` puts a new
-    pipeline (same data config, seed and host) there, and the batches that follow are the
-    ones the saved pipeline would have yielded, element for element. A device loader that
-    reads ahead (torch_xla's MpDeviceLoader prefetches) runs the pipeline ahead of training:
-    take the state after each batch as it is produced and keep the one of the last batch
-    trained on (trainers/data_position.py does). That is why `state_dict()` is cheap (tens
-    of microseconds, plus a copy of the shuffle buffer's list) and never aliases what the
-    pipeline changes later.
+    `state_dict()` is the position after the last batch yielded: that of each of this host's
+    shards. `load_state_dict` takes the positions saved by every host of the run, on any host
+    count, and puts each of this host's shards where it was; the batches that follow are the
+    ones the saved run would have yielded, element for element. A device loader that reads
+    ahead (torch_xla's MpDeviceLoader prefetches) runs the pipeline ahead of training: take
+    the state after each batch as it is produced and keep the one of the last batch trained on
+    (trainers/data_position.py does). That is why `state_dict()` is cheap (tens of
+    microseconds a shard, plus a copy of the shuffle buffers' lists) and never aliases what
+    the pipeline changes later.
 
     Resume cost: the sources' positions are restored by `datasets` (files before the current
     one are not read; the current file or shard is read again up to the saved example), the
-    rest from the state itself. The state holds the shuffle buffer's documents, the pieces
-    still to come of each source's current document (data.max_doc_chars), and the
-    tokens the packer holds (less than a row plus the rest of the current document): its
-    size grows with data.shuffle_buffer and the length of documents.
+    rest from the state itself. The state holds the shuffle buffers' documents, the pieces
+    still to come of each source's current document (data.max_doc_chars), and the tokens the
+    packers hold (less than a row plus the rest of the current document, a shard): its size
+    grows with data.shuffle_buffer, the shards and the length of documents.
     """
 
     def __init__(
@@ -61,55 +201,31 @@ class TextBatches:
         holdout: Holdout | None = None,
         key: str = "data",
     ):
-        """`holdout`: read only one side of the held-out split (data/holdout.py); `key`: the
-        config key naming the sources in messages."""
+        """`batch_size`: this host's rows of a global micro-batch; `holdout`: read only one side
+        of the held-out split (data/holdout.py); `key`: the config key naming the sources in
+        messages."""
         self.cfg = cfg
-        self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.process_index = process_index
         self.process_count = process_count
-        self.packer = build_packer(cfg.packing, cfg.block_size, tokenizer.pad_id)
+        self.shards, self.rows_per_shard = shard_layout(
+            cfg.logical_shards, batch_size * process_count, process_count
+        )
+        per_host = self.shards // process_count
+        first = process_index * per_host
         self.collate = get_collator(cfg.collator)
         specs = source_specs(cfg, key)
-        self.readers = [
-            SourceReader(
-                s,
-                k,
-                process_index,
-                process_count,
-                holdout,
-                cfg.on_bad_row,
-                cfg.max_bad_rows,
-                cfg.max_doc_chars,
-            )
-            for k, s in specs
+        opened = [open_source(s, k) for k, s in specs]
+        self.streams = [
+            ShardStream(cfg, tokenizer, specs, k, self.shards, seed, holdout, opened, k == first)
+            for k in range(first, first + per_host)
         ]
-        for reader in self.readers:  # a missing field or an empty part fails now
-            reader.check()
-        # Close the open files when the pipeline goes away, or at exit before the modules are
-        # torn down (a stream generator closed during teardown prints spurious errors).
-        weakref.finalize(self, _close_all, self.readers)
-        self.mixture = Mixture([s.weight for _, s in specs], seed) if len(specs) > 1 else None
-        self.shuffle = (
-            ShuffleBuffer(cfg.shuffle_buffer, seed, process_index) if cfg.shuffle_buffer else None
-        )
-        self._bos = [tokenizer.bos_id] if cfg.add_bos else []
-        # pad packing keeps a row's worth of each document: tokenize no more than that
-        self._max_tokens = cfg.block_size - len(self._bos) if cfg.packing == "pad" else None
         self.batches = 0
         """Batches yielded since the start of training (a restored count included)."""
-        self._rows = 0
-        # Rows made when each source's current pass began, to tell a source too small for one
-        # row; None while unknown (a pass begun before a restore or while the shuffle buffer
-        # was filling, which reads ahead).
-        self._pass_start_rows: list[int | None] = [
-            0 if self.shuffle is None else None for _ in self.readers
-        ]
         self._config = {
             "sources": [asdict(s) for _, s in specs],
             "seed": seed,
-            "process_index": process_index,
-            "process_count": process_count,
+            "logical_shards": self.shards,
             "tokenizer": cfg.tokenizer,
             "add_bos": cfg.add_bos,
             "block_size": cfg.block_size,
@@ -119,60 +235,45 @@ class TextBatches:
             "holdout": asdict(holdout) if holdout is not None else None,
         }
         log.info(
-            "%s: %s%s; %s packing of %d tokens, shuffle buffer %d, host %d of %d",
+            "%s: %s%s; %s packing of %d tokens, shuffle buffer %d; logical shards %d-%d of %d "
+            "(%d rows each a batch) on host %d of %d",
             key,
             ", ".join(f"{describe(s)} (weight {s.weight:g})" for _, s in specs),
             f", {holdout.describe()}" if holdout is not None else "",
             cfg.packing,
             cfg.block_size,
             cfg.shuffle_buffer,
+            first,
+            first + per_host - 1,
+            self.shards,
+            self.rows_per_shard,
             process_index,
             process_count,
         )
 
+    @property
+    def readers(self) -> list[SourceReader]:
+        """Every source reader of this host's shards."""
+        return [r for stream in self.streams for r in stream.readers]
+
     # -- the stream ---------------------------------------------------------------------------
-    def _next_text(self) -> str:
-        i = self.mixture.next() if self.mixture is not None else 0
-        reader = self.readers[i]
-        epoch = reader.epoch
-        text = reader.next_text()
-        if reader.epoch != epoch:  # the source ran out and began its next pass
-            start = self._pass_start_rows[i]
-            if start is not None and start == self._rows:
-                raise ConfigError(
-                    f"{reader.key}: {describe(reader.spec)} gives host {self.process_index} less "
-                    f"than one row of data.block_size={self.cfg.block_size} tokens per pass."
-                )
-            full = self.shuffle is None or self.shuffle.full
-            self._pass_start_rows[i] = self._rows if full else None
-        return text
-
-    def _next_doc(self) -> list[int]:
-        text = self.shuffle.next(self._next_text) if self.shuffle is not None else self._next_text()
-        ids = self._bos + self.tokenizer.encode(text, self._max_tokens)
-        ids.append(self.tokenizer.eos_id)
-        return ids
-
     def __iter__(self) -> TextBatches:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        rows = []
-        for _ in range(self.batch_size):
-            rows.append(self.packer.next_row(self._next_doc))
-            self._rows += 1
+        rows = [s.next_row() for s in self.streams for _ in range(self.rows_per_shard)]
         batch = self.collate(rows)
         self.batches += 1
         return batch
 
     @property
     def skipped_rows(self) -> int:
-        """Rows without text left out so far (data.on_bad_row=skip), every source."""
+        """Rows without text left out so far (data.on_bad_row=skip), every source and shard."""
         return sum(reader.skipped for reader in self.readers)
 
     @property
     def epoch(self) -> int:
-        """Passes every source has completed on this host."""
+        """Passes every source has completed in every shard of this host."""
         return min(r.epoch for r in self.readers)
 
     def close(self) -> None:
@@ -181,50 +282,94 @@ class TextBatches:
 
     # -- the position -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The position after the last batch yielded, as JSON data:
-        {"version", "config" (what must match on load), "batches" (yielded since the start of
-        training), "epoch", "sources": [{"epoch", "docs", "rows", "stream" (the datasets
-        state), "pieces" (the current row's pieces still to come)}, ...], "mixture": {"block",
-        "offset"} | null, "shuffle": {"rng", "items"} | null, "packing": {"pieces": [[token ids],
-        ...], "head"} | {}}.
-        The packer's pieces are shared tuples (never changed); everything else is a copy."""
-        sources = [r.state() for r in self.readers]
+        """The position after the last batch yielded, as JSON data: {"version", "config" (what
+        must match on load), "batches" (yielded since the start of training), "epoch",
+        "shards": {"k": ShardStream.state(), ...} (this host's shards)}."""
+        shards = {str(s.shard): s.state() for s in self.streams}
         return {
             "version": STATE_VERSION,
             "config": copy.deepcopy(self._config),
             "batches": self.batches,
-            "epoch": min(s["epoch"] for s in sources),
-            "sources": sources,
-            "mixture": self.mixture.state() if self.mixture is not None else None,
-            "shuffle": self.shuffle.state() if self.shuffle is not None else None,
-            "packing": self.packer.state(),
+            "epoch": self.epoch,
+            "shards": shards,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("version") != STATE_VERSION:
+    def load_state_dict(self, states: dict[str, Any] | list[dict[str, Any]]) -> None:
+        """Continue from the positions `states` (one state, or those saved by every host of
+        the run): each of this host's shards from the state that holds it."""
+        states = [states] if isinstance(states, dict) else list(states)
+        states = [migrate_v1(s, self._config) for s in states]
+        for state in states:
+            self._check_config(state["config"])
+        counts = {s["batches"] for s in states}
+        if len(counts) > 1:
             raise ConfigError(
-                f"data state: version {state.get('version')!r}, this code reads version "
-                f"{STATE_VERSION}."
+                f"data state: the hosts saved different batch counts ({sorted(counts)}); the "
+                "checkpoint mixes runs."
             )
-        saved = state["config"]
+        found = {k: v for s in states for k, v in s["shards"].items()}
+        missing = [str(s.shard) for s in self.streams if str(s.shard) not in found]
+        if missing:
+            raise ConfigError(
+                f"data state: no saved position for logical shards {', '.join(missing)} of "
+                f"{self.shards} (the checkpoint holds {len(found)}); a host's record "
+                "(host_NNNNN.json) is missing from the checkpoint."
+            )
+        for stream in self.streams:
+            stream.load_state(found[str(stream.shard)])
+        self.batches = counts.pop()
+
+    def _check_config(self, saved: dict[str, Any]) -> None:
         for key, now in self._config.items():
             if saved.get(key) != now:
                 name = {"seed": "seed", "holdout": "eval.holdout"}.get(key, f"data.{key}")
-                if key.startswith("process"):
-                    name = f"host {key}"
+                hint = "a saved data position only fits the same data config and seed"
+                if key == "logical_shards":
+                    hint = (
+                        f"set data.logical_shards={saved.get(key)} to resume it (null means "
+                        "the rows of a global micro-batch, which changes with the batch size)"
+                    )
                 raise ConfigError(
                     f"data state: saved with {name}={saved.get(key)!r}, this run has {now!r}; "
-                    "a saved data position only fits the same data config, seed and host."
+                    f"{hint}."
                 )
-        for reader, s in zip(self.readers, state["sources"]):
-            reader.load_state(s)
-        if self.mixture is not None:
-            self.mixture.load_state(state["mixture"])
-        if self.shuffle is not None:
-            self.shuffle.load_state(state["shuffle"])
-        self.packer.load_state(state["packing"])
-        self.batches = state["batches"]
-        self._pass_start_rows = [None for _ in self.readers]
+
+
+def migrate_v1(state: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """A version 2 state from `state`. Version 1 (before logical shards: one stream a host) of
+    a single-host run is logical shard 0 of data.logical_shards=1, exactly (the same seeds, the
+    same source split); from several hosts it cannot be placed in shards."""
+    version = state.get("version")
+    if version == STATE_VERSION:
+        return state
+    if version != 1:
+        raise ConfigError(
+            f"data state: version {version!r}, this code reads versions 1 and {STATE_VERSION}."
+        )
+    saved = state["config"]
+    hosts = saved.get("process_count")
+    if hosts == 1 and config["logical_shards"] == 1:
+        shard = {k: state[k] for k in ("sources", "mixture", "shuffle", "packing")}
+        rest = {k: v for k, v in saved.items() if not k.startswith("process")}
+        return {
+            "version": STATE_VERSION,
+            "config": {**rest, "logical_shards": 1},
+            "batches": state["batches"],
+            "epoch": state["epoch"],
+            "shards": {"0": shard},
+        }
+    if hosts == 1:
+        raise ConfigError(
+            "data state: this checkpoint was written before logical shards (data state version "
+            "1) by one host; its data position is that of one stream: resume it with "
+            "data.logical_shards=1 (on one host) to continue exactly where it stopped."
+        )
+    raise ConfigError(
+        f"data state: this checkpoint was written before logical shards (data state version 1) "
+        f"by {hosts} hosts, each reading its own stream; those positions cannot be placed in "
+        f"logical shards. Finish that run with the code that wrote it on {hosts} hosts, or start "
+        "a new run (from its weights: trainer.export_hf, then model.pretrained_path)."
+    )
 
 
 def _close_all(readers: list[SourceReader]) -> None:

@@ -16,11 +16,11 @@ class ShuffleBuffer:
     give back exactly these documents, and re-reading them would mean rewinding every source).
     """
 
-    def __init__(self, size: int, seed: int, process_index: int):
+    def __init__(self, size: int, seed: int, shard: int):
         self.size = size
         self.items: list[str] = []
-        # stream 1: the shuffle; each host draws its own sequence
-        self.rng = np.random.Generator(np.random.PCG64([seed % 2**63, 1, process_index]))
+        # stream 1: the shuffle; each logical shard draws its own sequence
+        self.rng = np.random.Generator(np.random.PCG64([seed % 2**63, 1, shard]))
 
     @property
     def full(self) -> bool:

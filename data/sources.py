@@ -1,5 +1,5 @@
-"""Streaming text sources (HF `datasets`), each host reading its own disjoint part, pass after
-pass, from a position that can be saved and restored."""
+"""Streaming text sources (HF `datasets`), each logical shard (data/pipeline.py) reading its own
+disjoint part, pass after pass, from a position that can be saved and restored."""
 
 from __future__ import annotations
 
@@ -111,6 +111,12 @@ def source_files(spec: SourceLike, key: str = "data") -> list[str]:
     return local_files(spec.path, spec.format, key) if spec.source == "files" else []
 
 
+def open_source(spec: SourceLike, key: str = "data") -> tuple[list[str], datasets.IterableDataset]:
+    """(local files, whole stream) of a source; a ConfigError naming the path if it has none."""
+    files = source_files(spec, key)
+    return files, open_stream(spec, key, files)
+
+
 def bad_row_error(key: str, spec: SourceLike, bad: BadRow, offer_skip: bool = True) -> ConfigError:
     """The error for a bad row or file, with how to go on."""
     if bad.row_level:
@@ -182,8 +188,22 @@ def host_texts(
         raise _reading_failed(key, spec, files, e) from None
 
 
+def shard_stream(
+    stream: datasets.IterableDataset, shard: int, shards: int
+) -> datasets.IterableDataset:
+    """Logical shard `shard` of `shards` of a source, a new view each call (a state loaded into
+    one pass's view never leaks into the next pass). With at least `shards` files (the
+    `datasets` stream's data sources) a shard is every `shards`-th file, and reads only those;
+    with fewer, it is every `shards`-th document, and reads the whole source to keep them
+    (`datasets` cannot cut a file into parts): give a source at least as many files as
+    data.logical_shards. The parts are disjoint and fixed by (shard, shards) alone."""
+    if shards > 1 and stream.num_shards >= shards:
+        return stream.shard(num_shards=shards, index=shard, contiguous=False)
+    return split_dataset_by_node(stream, rank=shard, world_size=shards)
+
+
 class SourceReader:
-    """One source's non-empty documents for this host, pass after pass without end.
+    """One source's non-empty documents for one logical shard, pass after pass without end.
 
     The position is the `datasets` stream's own state (which file or shard, which example in
     it) plus the pass number. Restoring it skips the files before the current one unread and
@@ -195,13 +215,16 @@ class SourceReader:
         self,
         spec: SourceConfig,
         key: str,
-        process_index: int,
-        process_count: int,
+        shard: int,
+        shards: int,
         holdout: Holdout | None = None,
         on_bad_row: str = "error",
         max_bad_rows: int = 0,
         max_doc_chars: int = 0,
+        opened: tuple[list[str], datasets.IterableDataset] | None = None,
     ):
+        """`opened`: (files, stream) of the source as `open_source` gave them, shared by the
+        shards of a host (opening a source lists and indexes its files: seconds each)."""
         self.spec = spec
         self.max_doc_chars = max_doc_chars
         """Rows longer than this are read as several documents (data.max_doc_chars; 0: off)."""
@@ -209,18 +232,19 @@ class SourceReader:
         self.holdout = holdout
         """Which side of the held-out split this reader keeps (None: every document)."""
         self.key = key
-        self.process_index = process_index
-        self.process_count = process_count
+        self.shard = shard
+        """This reader's logical shard (data.logical_shards), of `shards`."""
+        self.shards = shards
         self.on_bad_row = on_bad_row
         self.max_bad_rows = max_bad_rows
-        self.files = source_files(spec, key)  # fails now, naming the path, if there is none
-        self.base = open_stream(spec, key, self.files)
+        # fails now, naming the path, if there is none
+        self.files, self.base = opened or open_source(spec, key)
         self.skipped = 0
         """Bad rows skipped (data.on_bad_row=skip), over every pass."""
         self._bad_in_pass = 0  # bad rows met in the current pass
         self._bad_rows: Iterator[BadRow] | None = None  # the files' bad rows, in order
         self.epoch = 0
-        """Passes completed over this host's part."""
+        """Passes completed over this shard's part."""
         self.docs = 0
         """Non-empty documents (pieces, with max_doc_chars) read in the current pass, of the
         held-out side it keeps."""
@@ -231,25 +255,27 @@ class SourceReader:
         self._live = False  # the stream has yielded, so its state_dict() is the position
         self._start: dict | None = None  # the stream position to open at (a restored one)
 
-    def _host_stream(self) -> datasets.IterableDataset:
-        # A new view per pass: split_dataset_by_node makes a fresh IterableDataset, so a state
-        # loaded into one pass's view never leaks into the next pass.
-        return split_dataset_by_node(
-            self.base, rank=self.process_index, world_size=self.process_count
-        )
+    def _shard_stream(self) -> datasets.IterableDataset:
+        return shard_stream(self.base, self.shard, self.shards)
 
-    def check(self) -> None:
-        """Read the first rows of every file of the source (not only this host's: a folder
-        whose files disagree on their columns fails on every host alike), then this host's
-        stream up to its first document: a missing or non-text field, bytes that are not
-        UTF-8, a file that does not parse or an empty part fails here, before training."""
+    def where(self) -> str:
+        """This reader's part, for messages: "logical shard 3 of 8"."""
+        return f"logical shard {self.shard} of {self.shards} (data.logical_shards)"
+
+    def check(self, scan_files: bool = True) -> None:
+        """Read the first rows of every file of the source (not only this shard's: a folder
+        whose files disagree on their columns fails on every host alike; `scan_files` False:
+        another shard of this host did), then this shard's stream up to its first document: a
+        missing or non-text field, bytes that are not UTF-8, a file that does not parse or an
+        empty part fails here, before training."""
         skipping = self.on_bad_row == "skip"
-        found = find_bad_rows(self.files, self.spec.format, self.spec.text_field, SCAN_ROWS)
-        bad = next((b for b in found if not (skipping and b.row_level)), None)
-        if bad is not None:
-            raise bad_row_error(self.key, self.spec, bad)
+        if scan_files:
+            found = find_bad_rows(self.files, self.spec.format, self.spec.text_field, SCAN_ROWS)
+            bad = next((b for b in found if not (skipping and b.row_level)), None)
+            if bad is not None:
+                raise bad_row_error(self.key, self.spec, bad)
         with self._reading():
-            for row in self._host_stream():
+            for row in self._shard_stream():
                 text = row.get(self.spec.text_field) if isinstance(row, dict) else None
                 if isinstance(text, str) and any(
                     self._keeps(p) for p in split_document(text, self.max_doc_chars)
@@ -306,14 +332,19 @@ class SourceReader:
     def _empty(self) -> ConfigError:
         if self.holdout is not None:
             return ConfigError(
-                f"{self.key}: {describe(self.spec)} gives host {self.process_index} of "
-                f"{self.process_count} no documents on {self.holdout.describe()} (too few "
-                "documents for that fraction: raise it, or give eval.data)."
+                f"{self.key}: {describe(self.spec)} gives {self.where()} no documents on "
+                f"{self.holdout.describe()} (too few documents for that fraction: raise it, "
+                "lower data.logical_shards, or give eval.data)."
             )
         return ConfigError(
-            f"{self.key}: {describe(self.spec)} gives host {self.process_index} of "
-            f"{self.process_count} no documents (no rows, or only empty text in "
-            f"{self.spec.text_field!r})."
+            f"{self.key}: {describe(self.spec)} gives {self.where()} no documents (no rows, "
+            f"or only empty text in {self.spec.text_field!r}"
+            + (
+                "; fewer documents than shards: lower data.logical_shards"
+                if self.shards > 1
+                else ""
+            )
+            + ")."
         )
 
     def next_text(self) -> str:
@@ -324,7 +355,7 @@ class SourceReader:
                     self.docs += 1
                     return piece
             if self._it is None:
-                self._stream = self._host_stream()
+                self._stream = self._shard_stream()
                 if self._start is not None:
                     self._stream.load_state_dict(self._start)
                 self._it = iter(self._stream)
@@ -337,11 +368,11 @@ class SourceReader:
                     raise self._empty() from None
                 self.epoch += 1
                 log.info(
-                    "data: %s pass %d done (%d documents on host %d); starting again",
+                    "data: %s pass %d done (%d documents in %s); starting again",
                     describe(self.spec),
                     self.epoch,
                     self.docs,
-                    self.process_index,
+                    self.where(),
                 )
                 self.docs = self.rows = self._bad_in_pass = 0
                 self._bad_rows = None

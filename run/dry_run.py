@@ -208,7 +208,8 @@ def shrunken(
         target=TargetConfig(),
         output_dir=str(out),
         model=model,
-        data=dataclasses.replace(cfg.data, block_size=block),
+        # the shrunken batch sets its own shard count (the target's was checked for the pod)
+        data=dataclasses.replace(cfg.data, block_size=block, logical_shards=None),
         trainer=trainer,
         wandb=dataclasses.replace(cfg.wandb, enabled=False),
     )

@@ -11,6 +11,7 @@ earlier one could not build is skipped, and the report says so.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 from torch import nn
 
 from data.eval_batches import cut_eval_batches, training_holdout
-from data.pipeline import TextBatches
+from data.pipeline import TextBatches, shard_layout
 from data.tokenizers import Tokenizer, build_tokenizer
 from models import build_model
 from models.memory import ActivationEstimate, estimate_activations
@@ -119,6 +120,9 @@ class Preflight:
     """The mesh as configured; checked against the devices unless `problems` says otherwise."""
     micro_batch: int | None = None
     """Rows of one micro-batch on this host."""
+    shard_layout: tuple[int, int] | None = None
+    """(logical shards, rows each gives a global micro-batch), when they fit the batch and
+    the hosts (data.logical_shards)."""
     model: nn.Module | None = None
     """On the meta device: shapes and names only."""
     specs: dict[str, PartitionSpec] | None = None
@@ -274,6 +278,11 @@ def _check_mesh_and_batch(pre: Preflight) -> None:
     pre.micro_batch = pre.problems.attempt(
         micro_batch_rows, t.global_batch_size, t.grad_accum_steps, pre.mesh, pre.devices.hosts
     )
+    if pre.micro_batch is not None and not cfg.data.problems():
+        hosts = pre.devices.hosts
+        pre.shard_layout = pre.problems.attempt(
+            shard_layout, cfg.data.logical_shards, pre.micro_batch * hosts, hosts
+        )
 
 
 def _resolve_mesh(cfg: TrainConfig, devices: Devices) -> Mesh:
@@ -411,10 +420,17 @@ def _open_data(pre: Preflight) -> None:
         pre.skip("the data sources", "a valid data config and tokenizer")
         return
     d = pre.devices
+    data = cfg.data
+    if pre.micro_batch is not None and pre.shard_layout is None:
+        pre.skip("the data sources", "a data.logical_shards that fits the batch and the hosts")
+        return
+    if pre.micro_batch is None:
+        # the batch split failed (said once): check the sources with one shard a host
+        data = dataclasses.replace(data, logical_shards=None)
     rows = pre.micro_batch or 1
     pre.batches = pre.problems.attempt(
         TextBatches,
-        cfg.data,
+        data,
         pre.tokenizer,
         rows,
         d.host_index,

@@ -35,6 +35,7 @@ from torchprime.sharding import replicated, shard_activations
 from train_config import TrainConfig
 from trainers import make_trainer
 from trainers.base_trainer import BaseTrainer
+from trainers.batch_hashes import HashedBatches, hash_file
 from trainers.callbacks import StepCallback
 from trainers.evaluator import Evaluator
 from trainers.hosts import gather_from_hosts, is_coordinator
@@ -103,12 +104,16 @@ def build_trainer(
         from trainers.wandb_logger import WandbLogger
 
         sinks.append(WandbLogger(cfg.wandb, cfg.run_name, output_dir, resolved))
+    batches = pre.batches
+    # One process a host writes (torchrun may start several, each reading the host's rows).
+    if cfg.debug.batch_hashes and getattr(backend, "rank", 0) % local_processes(backend) == 0:
+        batches = HashedBatches(batches, hash_file(output_dir, backend.process_index))
     return make_trainer(
         cfg.trainer,
         model,
         backend,
         mesh,
-        pre.batches,
+        batches,
         output_dir,
         tokens_per_step=cfg.trainer.global_batch_size * cfg.data.block_size,
         flops_per_token=model_flops_per_token(model, cfg.data.block_size),
@@ -126,6 +131,11 @@ def build_trainer(
             else None
         ),
     )
+
+
+def local_processes(backend: Backend) -> int:
+    """Processes on this host: several under torchrun with more than one device a host."""
+    return getattr(backend, "local_processes", 1)
 
 
 def place_model(pre: Preflight, backend: Backend) -> nn.Module:

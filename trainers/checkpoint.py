@@ -4,7 +4,8 @@ Layout: output_dir/checkpoints/step_00000300/ holds
 - the DCP files (`.metadata`, `*.distcp`): the model, the optimizer state keyed by parameter
   name, and the device counters (the schedule's step count, the skipped-step counts);
 - `host_00000.json`, one per host: the step, the data pipeline's position as of the last batch
-  the training step consumed, and the RNG states;
+  the training step consumed (the logical shards that host read), and the RNG states; every
+  host reads all of them on load, so a run resumes on another host count;
 - `COMPLETE`, written last.
 It is written as .step_00000300.tmp/ and renamed once whole, so a crash mid-save never leaves
 a folder that looks complete. The newest `keep` complete checkpoints are kept.
@@ -252,9 +253,11 @@ OPTIONAL_GROUPS = ("spike",)
 
 def load_checkpoint(path: Path, state: dict[str, Any], backend: Backend) -> dict[str, Any]:
     """Load the tensors of `state` in place from `path`; returns this host's JSON record
-    (at least {"step": N}; "missing_groups" lists the OPTIONAL_GROUPS of `state` the
-    checkpoint lacks, left as they were). Raises CorruptCheckpoint when the folder cannot be
-    loaded (the tensors may then be partly overwritten: load another checkpoint or stop)."""
+    (at least {"step": N}; no more when the checkpoint had fewer hosts), with "hosts": every
+    host's record, in host order (the data positions of all logical shards), and
+    "missing_groups": the OPTIONAL_GROUPS of `state` the checkpoint lacks, left as they were.
+    Raises CorruptCheckpoint when the folder cannot be loaded (the tensors may then be partly
+    overwritten: load another checkpoint or stop)."""
     complete = check_readable(path)
     saved = {
         key.split(".")[0]
@@ -278,12 +281,15 @@ def load_checkpoint(path: Path, state: dict[str, Any], backend: Backend) -> dict
     record: dict[str, Any] = {"step": int(complete["step"])}
     if missing:
         record["missing_groups"] = missing
-    hosts = host_file(path, process_index(backend))
-    if hosts.is_file():
+    hosts = []
+    for file in sorted(path.glob("host_*.json")):
         try:
-            record.update(json.loads(hosts.read_text()))
+            hosts.append(json.loads(file.read_text()))
         except ValueError as e:
-            raise CorruptCheckpoint(f"unreadable {hosts.name} ({e})") from e
+            raise CorruptCheckpoint(f"unreadable {file.name} ({e})") from e
+        if file == host_file(path, process_index(backend)):
+            record.update(hosts[-1])
+    record["hosts"] = hosts
     return record
 
 

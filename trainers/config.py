@@ -240,7 +240,14 @@ class ProfileConfig:
 
 @dataclass
 class DebugConfig:
-    """What a run writes to debug the compiled program."""
+    """What a run writes to debug the compiled program and its data."""
+
+    batch_hashes: bool = False
+    """Write a hash of every row this host's data pipeline produces, one line a micro-batch:
+    output_dir/batch_hashes/host_NNNNN.jsonl, {"batch": n (from 1, over the whole run),
+    "rows": [16 hex digits a row]}; the hosts' rows in host order are the global micro-batch.
+    Batches read ahead and not trained on are recorded too, and again after a resume (the
+    last line of a batch counts). Off: nothing is hashed."""
 
     dump_hlo: bool = False
     """XLA: write the training step's graph as traced, with its sharding annotations, for the

@@ -62,12 +62,16 @@ class TrackedBatches:
     def load_state_dict(self, record: dict[str, Any]) -> None:
         """Continue after `record["batches_consumed"]` batches: from the saved pipeline state
         when there is one, else by reading and dropping that many batches (deterministic
-        streams only; slower)."""
+        streams only; slower). `record["hosts"]`, every host's record (trainers/checkpoint.py),
+        gives the pipeline the positions all hosts saved: each reads the logical shards it
+        owns now, whichever host saved them, so a run resumes on another host count."""
         consumed = int(record.get("batches_consumed", 0))
-        state = record.get("data")
-        if self.stateful and state is not None:
-            self.batches.load_state_dict(state)
+        hosts = record.get("hosts") or [record]
+        states = [h["data"] for h in hosts if h.get("data") is not None]
+        if self.stateful and states:
+            self.batches.load_state_dict(states[0] if len(states) == 1 else states)
             self._skip = 0
+            state = self._pipeline_state()  # this host's part of what was loaded
         else:
             if consumed:
                 log.warning(
@@ -76,5 +80,6 @@ class TrackedBatches:
                     consumed,
                 )
             self._skip = consumed
+            state = None
         self.consumed = consumed
         self._snapshots = deque([(consumed, state)])

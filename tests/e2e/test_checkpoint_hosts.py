@@ -78,7 +78,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_hosts_write_one_checkpoint_and_each_reads_back_its_own_record(tmp_path):
+def test_two_hosts_write_one_checkpoint_and_each_reads_back_every_record(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PJRT_DEVICE", "CPU_NUM_DEVICES")}
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2")
     procs = [
@@ -99,10 +99,11 @@ def test_two_hosts_write_one_checkpoint_and_each_reads_back_its_own_record(tmp_p
         (json.loads(out.strip().splitlines()[-1]) for out, _ in outputs), key=lambda r: r["rank"]
     )
     for rank, r in enumerate(results):
+        hosts = [{"step": 10, "rank": i, "batches_consumed": 10 + i} for i in range(2)]
         for mode in ("sync", "async"):
             got = r[mode]
             assert got["w_ok"] and got["step"] == 10.0, mode
-            assert got["record"] == {"step": 10, "rank": rank, "batches_consumed": 10 + rank}
+            assert got["record"] == {**hosts[rank], "hosts": hosts}  # every host's, for the data
             assert got["dirs"] == ["step_00000010"], mode  # keep=1 pruned step 5, once
         assert r["agree"] == [False, True]  # both hosts stop when one received the signal
         # the failed background write: named on both hosts, no folder left, step 10 kept

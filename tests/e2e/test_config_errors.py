@@ -51,6 +51,17 @@ def test_a_cross_key_problem_is_one_error_line(tmp_path):
     assert line.startswith("error: ") and "max_position_embeddings=2048" in line
 
 
+def test_logical_shards_that_do_not_divide_the_batch_name_the_key_and_the_rule(tmp_path):
+    proc = run_train(
+        "backend=cpu", "ici_mesh.fsdp=1", "data.logical_shards=3", f"output_dir={tmp_path}"
+    )
+    assert proc.returncode == 2
+    line = cause_line(proc.stderr, "data.logical_shards=3")
+    assert "global micro-batch of 8 rows" in line and "divisor of 8" in line
+    assert "error: 1 problem" in proc.stderr  # the data sources are named as not checked
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
 @requires_xla
 def test_a_mesh_that_does_not_match_the_devices_shows_both(tmp_path):
     proc = run_train("cpu_devices=4", "ici_mesh.fsdp=8", f"output_dir={tmp_path}")

@@ -55,7 +55,12 @@ def test_save_then_load_restores_the_whole_training_state(tmp_path):
 
     fresh = make_trainer(tmp_path, seed=1)
     record = load_checkpoint(path, fresh.checkpoint_tensors(), BACKEND)
-    assert record == {"step": 7, "batches_consumed": 1}
+    # with every host's record (one here): a run on another host count finds all shards
+    assert record == {
+        "step": 7,
+        "batches_consumed": 1,
+        "hosts": [{"step": 7, "batches_consumed": 1}],
+    }
     saved, loaded = flat(t.checkpoint_tensors()), flat(fresh.checkpoint_tensors())
     assert len(saved) == 39 + 39 * 3 + 3  # weights, 3 optimizer tensors each, counters
     for name, tensor in saved.items():

@@ -105,7 +105,7 @@ def write_corpus(tmp_path, n, tag="document number"):
     tmp_path.mkdir(exist_ok=True)
     for i in range(n):
         (tmp_path / f"doc{i:02d}.txt").write_text(f"{tag} {i}\n")
-    return DataConfig(source="files", path=str(tmp_path), format="text")
+    return DataConfig(logical_shards=1, source="files", path=str(tmp_path), format="text")
 
 
 @pytest.mark.parametrize("n_files", [8, 7])  # split by files (8 = 4 x 2), by examples (7)
@@ -117,12 +117,14 @@ def test_hosts_read_disjoint_parts_that_cover_the_source(tmp_path, n_files):
     assert len(every) == len(set(every))
 
 
-def test_hosts_of_a_mixture_read_disjoint_parts_of_every_source(tmp_path):
-    # source a: 8 files (split by files), source b: 6 JSON lines in 1 file (split by examples)
+def test_logical_shards_of_a_mixture_read_disjoint_parts_of_every_source(tmp_path):
+    # source a: 8 files (split by files), source b: 6 JSON lines in 1 file (split by examples);
+    # 4 hosts, one logical shard each
     write_corpus(tmp_path / "a", 8, tag="a")
     lines = [json.dumps({"text": f"b {i}"}) + "\n" for i in range(6)]
     (tmp_path / "b.jsonl").write_text("".join(lines))
     cfg = DataConfig(
+        logical_shards=4,
         sources=[
             SourceConfig(source="files", path=str(tmp_path / "a"), weight=1),
             SourceConfig(source="files", path=str(tmp_path / "b.jsonl"), format="json", weight=1),
@@ -141,7 +143,7 @@ def test_hosts_of_a_mixture_read_disjoint_parts_of_every_source(tmp_path):
 
 
 def test_batches_have_the_host_batch_shape_and_labels_equal_inputs():
-    cfg = DataConfig(block_size=64)
+    cfg = DataConfig(logical_shards=1, block_size=64)
     batch = next(iter(TextBatches(cfg, ByteTokenizer(), batch_size=3)))
     assert batch["input_ids"].shape == (3, 64) and batch["input_ids"].dtype == torch.long
     assert torch.equal(batch["input_ids"], batch["labels"])
@@ -181,7 +183,9 @@ def test_empty_documents_are_skipped(tmp_path):
 
 
 def test_a_missing_path_names_it(tmp_path):
-    cfg = DataConfig(source="files", path=str(tmp_path / "nowhere"), format="text")
+    cfg = DataConfig(
+        logical_shards=1, source="files", path=str(tmp_path / "nowhere"), format="text"
+    )
     with pytest.raises(ConfigError, match=r"data.path=.*nowhere.*no text files"):
         TextBatches(cfg, ByteTokenizer(), batch_size=1)
 
@@ -189,10 +193,11 @@ def test_a_missing_path_names_it(tmp_path):
 def test_a_missing_path_in_a_mixture_names_the_source_entry(tmp_path):
     write_corpus(tmp_path, 1)
     cfg = DataConfig(
+        logical_shards=1,
         sources=[
             SourceConfig(path=str(tmp_path)),
             SourceConfig(path=str(tmp_path / "*.jsonl"), format="json"),
-        ]
+        ],
     )
     with pytest.raises(ConfigError, match=r"data.sources\[1\].path=.*\*.jsonl.*no json files"):
         TextBatches(cfg, ByteTokenizer(), batch_size=1)
@@ -200,7 +205,7 @@ def test_a_missing_path_in_a_mixture_names_the_source_entry(tmp_path):
 
 def test_a_missing_text_field_names_it_and_the_fields_there_are(tmp_path):
     (tmp_path / "rows.jsonl").write_text('{"content": "hello"}\n')
-    cfg = DataConfig(source="files", path=str(tmp_path), format="json")
+    cfg = DataConfig(logical_shards=1, source="files", path=str(tmp_path), format="json")
     with pytest.raises(ConfigError, match=r"text_field='text'.*fields: content"):
         list(host_texts(cfg, 0, 1))
     with pytest.raises(ConfigError, match=r"data.text_field='text': .*rows.jsonl, row 1: has no"):
@@ -209,22 +214,24 @@ def test_a_missing_text_field_names_it_and_the_fields_there_are(tmp_path):
 
 def test_a_row_that_is_not_text_is_an_error(tmp_path):
     (tmp_path / "rows.jsonl").write_text('{"text": "fine"}\n{"text": 42}\n')
-    cfg = DataConfig(source="files", path=str(tmp_path), format="json", block_size=64)
+    cfg = DataConfig(
+        logical_shards=1, source="files", path=str(tmp_path), format="json", block_size=64
+    )
     with pytest.raises(ConfigError, match=r"rows.jsonl, row 2: field 'text' holds a number \(42\)"):
         next(TextBatches(cfg, ByteTokenizer(), batch_size=1))
 
 
 def test_a_malformed_file_is_an_error_naming_the_source(tmp_path):
     (tmp_path / "rows.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
-    cfg = DataConfig(source="files", path=str(tmp_path), format="json")
+    cfg = DataConfig(logical_shards=1, source="files", path=str(tmp_path), format="json")
     with pytest.raises(ConfigError, match=r"data: .*rows.jsonl, row 2: not valid JSON"):
         TextBatches(cfg, ByteTokenizer(), batch_size=1)
 
 
 def test_an_empty_dataset_is_an_error(tmp_path):
     (tmp_path / "rows.jsonl").write_text('{"text": ""}\n')
-    cfg = DataConfig(source="files", path=str(tmp_path), format="json")
-    with pytest.raises(ConfigError, match=r"data: files .* gives host 0 of 1 no documents"):
+    cfg = DataConfig(logical_shards=1, source="files", path=str(tmp_path), format="json")
+    with pytest.raises(ConfigError, match=r"data: files .* gives logical shard 0 of 1 .* no doc"):
         TextBatches(cfg, ByteTokenizer(), batch_size=1)
 
 
@@ -237,6 +244,7 @@ def test_a_source_shorter_than_one_row_is_an_error(tmp_path):
 
 def test_every_problem_of_the_data_block_is_named_at_once():
     cfg = DataConfig(
+        logical_shards=1,
         collator="seq2seq",
         shuffle_buffer=-1,
         block_size=1,
@@ -249,7 +257,7 @@ def test_every_problem_of_the_data_block_is_named_at_once():
         "data.block_size=1: must be at least 2.",
         "data.collator='seq2seq': known collators are causal_lm.",
     ]
-    assert DataConfig(source="files").problems() == [
+    assert DataConfig(logical_shards=1, source="files").problems() == [
         "data.source=files needs data.path (a file, folder or glob)."
     ]
 

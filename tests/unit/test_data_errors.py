@@ -20,7 +20,9 @@ def jsonl(path, rows) -> None:
 
 
 def batches(tmp_path, **keys) -> TextBatches:
-    cfg = DataConfig(source="files", path=str(tmp_path), format="json", block_size=16, **keys)
+    cfg = DataConfig(
+        logical_shards=1, source="files", path=str(tmp_path), format="json", block_size=16, **keys
+    )
     return TextBatches(cfg, ByteTokenizer(), batch_size=2)
 
 
@@ -85,7 +87,9 @@ def test_a_truncated_parquet_file_is_named(tmp_path):
     pq.write_table(pa.table({"text": ["c", "d"]}), tmp_path / "b.parquet")
     whole = (tmp_path / "b.parquet").read_bytes()
     (tmp_path / "b.parquet").write_bytes(whole[: len(whole) // 2])
-    cfg = DataConfig(source="files", path=str(tmp_path), format="parquet", block_size=16)
+    cfg = DataConfig(
+        logical_shards=1, source="files", path=str(tmp_path), format="parquet", block_size=16
+    )
     with pytest.raises(ConfigError, match=r"b.parquet: not a readable Parquet file"):
         TextBatches(cfg, ByteTokenizer(), batch_size=2)
 

@@ -31,6 +31,7 @@ def documents(sources, weights, n, seed=0, shuffle_buffer=0):
     """The first n documents of the mixture (pad packing: one document a row), and the
     pipeline."""
     cfg = DataConfig(
+        logical_shards=1,
         sources=[SourceConfig(**{**vars(sources[k]), "weight": w}) for k, w in weights.items()],
         packing="pad",
         block_size=4,
@@ -94,6 +95,6 @@ def test_the_shuffle_buffer_mixes_documents_seeded_by_the_run_seed(sources):
     assert plain[:50] == [f"a{i}" for i in range(50)]
     assert shuffled == again and shuffled[:50] != plain[:50]
     # nothing lost or doubled: what came out plus what the buffer holds is what was read
-    assert Counter(shuffled) + Counter(p.shuffle.items) == Counter(plain[:1020])
+    assert Counter(shuffled) + Counter(p.streams[0].shuffle.items) == Counter(plain[:1020])
     # the i-th document out was among the first i + 20 read (positions 0-29: all in pass 1)
     assert all(int(d[1:]) <= i + 20 for i, d in enumerate(shuffled[:30]))

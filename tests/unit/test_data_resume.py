@@ -46,7 +46,9 @@ def corpus(tmp_path):
 
 
 def single(spec: SourceConfig, **kw) -> DataConfig:
-    return DataConfig(source=spec.source, path=spec.path, format=spec.format, **kw)
+    return DataConfig(
+        logical_shards=1, source=spec.source, path=spec.path, format=spec.format, **kw
+    )
 
 
 def pipeline(cfg: DataConfig, seed: int = 0) -> TextBatches:
@@ -83,7 +85,11 @@ def test_every_packing_resumes_exactly(corpus, packing, source):
 
 def test_a_shuffled_mixture_resumes_exactly(corpus):
     cfg = DataConfig(
-        sources=list(corpus.values()), packing="document", block_size=16, shuffle_buffer=6
+        logical_shards=1,
+        sources=list(corpus.values()),
+        packing="document",
+        block_size=16,
+        shuffle_buffer=6,
     )
     fresh = assert_resumes_exactly(cfg, n=12)
     assert min(r.epoch for r in fresh.readers) >= 1  # every source restarted at least once
@@ -93,20 +99,26 @@ def test_documents_cut_into_pieces_resume_exactly_mid_document(corpus):
     # pieces of at most 7 characters: most documents are several pieces, and the saved
     # positions fall between the pieces of one document (its rest is in the state)
     cfg = DataConfig(
-        sources=list(corpus.values()), block_size=16, shuffle_buffer=4, max_doc_chars=7
+        logical_shards=1,
+        sources=list(corpus.values()),
+        block_size=16,
+        shuffle_buffer=4,
+        max_doc_chars=7,
     )
     fresh = pipeline(cfg)
     held = []
     for _ in range(N):
         next(fresh)
-        held += [p for s in fresh.state_dict()["sources"] for p in s["pieces"]]
+        held += [p for s in fresh.state_dict()["shards"]["0"]["sources"] for p in s["pieces"]]
     fresh.close()
     assert held and all(0 < len(p) <= 7 for p in held)
     assert_resumes_exactly(cfg)
 
 
 def test_a_resumed_pipeline_saves_a_position_that_resumes_again(corpus):
-    cfg = DataConfig(sources=list(corpus.values()), block_size=16, shuffle_buffer=3)
+    cfg = DataConfig(
+        logical_shards=1, sources=list(corpus.values()), block_size=16, shuffle_buffer=3
+    )
     reference = pipeline(cfg)
     expected = [next(reference) for _ in range(9)]
     first = pipeline(cfg)
@@ -125,7 +137,9 @@ def test_a_resumed_pipeline_saves_a_position_that_resumes_again(corpus):
 
 def test_a_state_kept_in_memory_does_not_change_as_the_pipeline_goes_on(corpus):
     # A prefetching loader keeps the states of the batches in flight (trainers/data_position.py)
-    cfg = DataConfig(sources=[corpus["json"], corpus["pq"]], block_size=16, shuffle_buffer=3)
+    cfg = DataConfig(
+        logical_shards=1, sources=[corpus["json"], corpus["pq"]], block_size=16, shuffle_buffer=3
+    )
     p = pipeline(cfg)
     next(p)
     kept = p.state_dict()
@@ -136,23 +150,19 @@ def test_a_state_kept_in_memory_does_not_change_as_the_pipeline_goes_on(corpus):
 
 
 def test_the_state_is_plain_json_that_names_its_parts(corpus):
-    cfg = DataConfig(sources=[corpus["txt"], corpus["json"]], block_size=16, shuffle_buffer=2)
+    cfg = DataConfig(
+        logical_shards=1, sources=[corpus["txt"], corpus["json"]], block_size=16, shuffle_buffer=2
+    )
     p = pipeline(cfg)
     next(p)
     state = json.loads(json.dumps(p.state_dict()))  # plain JSON data
-    assert set(state) == {
-        "version",
-        "config",
-        "batches",
-        "epoch",
-        "sources",
-        "mixture",
-        "shuffle",
-        "packing",
-    }
+    assert set(state) == {"version", "config", "batches", "epoch", "shards"}
     assert state["batches"] == 1 and state["config"]["block_size"] == 16
-    assert len(state["sources"]) == 2
-    assert set(state["sources"][0]) == {
+    assert state["config"]["logical_shards"] == 1 and list(state["shards"]) == ["0"]
+    shard = state["shards"]["0"]
+    assert set(shard) == {"sources", "mixture", "shuffle", "packing"}
+    assert len(shard["sources"]) == 2
+    assert set(shard["sources"][0]) == {
         "epoch",
         "docs",
         "rows",
@@ -161,13 +171,13 @@ def test_the_state_is_plain_json_that_names_its_parts(corpus):
         "stream",
         "pieces",
     }
-    assert set(state["mixture"]) == {"block", "offset"} and len(state["shuffle"]["items"]) == 2
+    assert set(shard["mixture"]) == {"block", "offset"} and len(shard["shuffle"]["items"]) == 2
 
 
 def test_the_packing_buffer_holds_exactly_the_tokens_read_but_not_yet_yielded(corpus):
     p = pipeline(single(corpus["json"], block_size=16))
     first = next(p)["input_ids"].flatten().tolist()
-    state = p.state_dict()
+    state = p.state_dict()["shards"]["0"]
     docs = state["sources"][0]["docs"]  # read so far, in the first pass
     stream = [t for i in range(docs) for t in list(doc("j", i).encode()) + [ByteTokenizer.eos_id]]
     assert stream[:64] == first

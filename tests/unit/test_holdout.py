@@ -67,7 +67,9 @@ def test_held_out_documents_are_the_same_on_any_host_count_and_never_trained_on(
 
 def test_the_training_stream_never_yields_held_out_text(corpus):
     root, docs = corpus
-    cfg = DataConfig(source="files", path=str(root / "txt"), block_size=8, shuffle_buffer=5)
+    cfg = DataConfig(
+        logical_shards=1, source="files", path=str(root / "txt"), block_size=8, shuffle_buffer=5
+    )
     eval_cfg = EvalConfig(holdout=FRACTION)
     batches = TextBatches(cfg, ByteTokenizer(), 4, seed=7, holdout=training_holdout(eval_cfg))
     text = b""
@@ -82,11 +84,13 @@ def test_eval_batches_are_cut_the_same_whatever_the_seed_and_shuffle(corpus):
     eval_cfg = EvalConfig(holdout=FRACTION, steps=2)
     a = cut_eval_batches(
         eval_cfg,
-        DataConfig(source="files", path=str(root / "txt"), block_size=8),
+        DataConfig(logical_shards=1, source="files", path=str(root / "txt"), block_size=8),
         ByteTokenizer(),
         2,
     )
-    shuffled = DataConfig(source="files", path=str(root / "txt"), block_size=8, shuffle_buffer=9)
+    shuffled = DataConfig(
+        logical_shards=1, source="files", path=str(root / "txt"), block_size=8, shuffle_buffer=9
+    )
     b = cut_eval_batches(eval_cfg, shuffled, ByteTokenizer(), 2)
     assert len(a) == 2 and all(x["input_ids"].equal(y["input_ids"]) for x, y in zip(a, b))
 
@@ -119,7 +123,7 @@ def test_the_default_run_shuffles_documents_and_holds_out_a_share():
 
 def test_more_eval_steps_than_the_held_out_data_holds_says_how_many_it_holds(corpus):
     root, _ = corpus
-    data = DataConfig(source="files", path=str(root / "txt"), block_size=8)
+    data = DataConfig(logical_shards=1, source="files", path=str(root / "txt"), block_size=8)
     with pytest.raises(
         ConfigError,
         match=r"eval.steps=500 is more than the held-out data "
@@ -131,7 +135,7 @@ def test_more_eval_steps_than_the_held_out_data_holds_says_how_many_it_holds(cor
 def test_a_holdout_that_holds_no_document_names_the_key(corpus):
     root, docs = corpus
     tiny = min(holdout_score(d) for d in docs) / 2
-    data = DataConfig(source="files", path=str(root / "txt"), block_size=8)
+    data = DataConfig(logical_shards=1, source="files", path=str(root / "txt"), block_size=8)
     with pytest.raises(
         ConfigError,
         match=r"eval.holdout: files .* no documents on the "
@@ -144,7 +148,7 @@ def test_a_missing_eval_source_names_eval_data(tmp_path):
     cfg = EvalConfig()
     cfg.data.source, cfg.data.path = "files", str(tmp_path / "nothing")
     with pytest.raises(ConfigError, match="eval.data.path=.*nothing.*no text files there"):
-        cut_eval_batches(cfg, DataConfig(), ByteTokenizer(), 2)
+        cut_eval_batches(cfg, DataConfig(logical_shards=1), ByteTokenizer(), 2)
 
 
 @pytest.mark.parametrize("value", ["0", "0.6", "-0.1"])
@@ -162,7 +166,7 @@ def test_bad_eval_keys_are_named_at_once():
 
 def test_every_host_count_evaluates_the_same_rows(corpus):
     root, _ = corpus
-    data = DataConfig(source="files", path=str(root / "txt"), block_size=8)
+    data = DataConfig(logical_shards=1, source="files", path=str(root / "txt"), block_size=8)
     cfg = EvalConfig(holdout=FRACTION, steps=2)
     whole = cut_eval_batches(cfg, data, ByteTokenizer(), 12)
     for hosts in (2, 3, 4):

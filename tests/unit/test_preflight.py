@@ -74,3 +74,22 @@ def test_the_target_pod_gives_the_devices_hosts_and_hbm():
     pre = preflight(cfg, pod, open_data=False)
     assert pre.ok and pre.micro_batch == 4  # 64 rows over 16 hosts
     assert pre.verdict.fits and "on a TPU v5p chip" in pre.verdict.text
+
+
+@pytest.mark.parametrize(
+    "shards, problem",
+    [
+        (8, "data.logical_shards=8 does not split over the 16 hosts: each host reads whole"),
+        (48, "data.logical_shards=48: a global micro-batch of 64 rows"),
+    ],
+)
+def test_logical_shards_that_cannot_feed_the_pods_hosts_are_refused(shards, problem):
+    target = TargetConfig(chip=ChipName.v5p, num_devices=64)  # 16 hosts
+    cfg = TrainConfig(target=target)
+    cfg.ici_mesh.fsdp = 64
+    cfg.trainer.global_batch_size = 64
+    cfg.data.logical_shards = shards
+    pre = preflight(cfg, Devices.of_target(target), open_data=False)
+    assert len(pre.problems) == 1 and pre.problems[0].startswith(problem)
+    cfg.data.logical_shards = 16  # or null: 64, a shard a row
+    assert preflight(cfg, Devices.of_target(target), open_data=False).ok
