@@ -30,6 +30,7 @@ from torchprime.errors import ConfigError
 from torchprime.materialize import materialize
 from torchprime.mesh import Mesh, MeshAxesConfig, resolve_mesh
 from torchprime.sharding import ShardingConfig, plan_parameter_specs
+from torchprime.stacking import per_layer_parameters
 
 PathLike = str | Path
 
@@ -274,11 +275,11 @@ def save_hf(
     to_host = to_host or (lambda t: t.detach().cpu())
     dtype = dtype or next(model.parameters()).dtype
     tensors: dict[str, torch.Tensor] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
+    # Per-layer names, also for weights stored stacked (model.remat.stack_weights).
+    for name, whole in per_layer_parameters(model, to_host):
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue  # HF ties it to the embedding on load; saving it would be a duplicate
         # Cast after the move: on XLA a cast on the device would build and run another graph.
-        whole = to_host(param)
         if write:  # the others only took part in the gathering
             tensors[name] = whole.to(dtype).contiguous()
     if not write:

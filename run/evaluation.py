@@ -28,9 +28,10 @@ def run_eval_only(cfg: TrainConfig, backend: Backend, output_dir: Path) -> EvalR
     if cfg.trainer.resume not in ("never", "auto"):
         path = Path(cfg.trainer.resume)
         try:
-            record = load_checkpoint(
-                path, {"model": trainer.model.state_dict(keep_vars=True)}, backend
-            )
+            # The model part only, per-layer names whether its weights are stacked or not.
+            tensors = {"model": trainer.checkpoint_tensors()["model"]}
+            record = load_checkpoint(path, tensors, backend)
+            trainer.tensors_loaded(tensors)
         except CorruptCheckpoint as e:
             raise ConfigError(
                 f"trainer.resume={path}: cannot evaluate this checkpoint: {e}."

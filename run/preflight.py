@@ -50,6 +50,7 @@ from torchprime.sharding import (
     plan_parameter_specs,
     qkv_spec,
 )
+from torchprime.stacking import layer_specs, meta_stacked, split_layer_dim_problem
 from torchprime.step_model import StepModel, StepShape, format_step_model, predict_step
 from train_config import TargetConfig, TrainConfig
 from trainers import get_trainer_class
@@ -366,13 +367,42 @@ def _check_model(pre: Preflight) -> None:
         problems.attempt(check_chunked_head, m.loss_chunk_size, pre.specs, pre.mesh)
     pre.activation_specs = problems.attempt(plan_activation_specs, model, m.sharding)
     _check_context(pre)
+    before = len(problems)
     problems.attempt(check_remat, model, m.remat)
+    remat_ok = len(problems) == before
     opt = cfg.trainer.optimizer
-    problems.attempt(param_groups, model, opt.weight_decay, dict(opt.lr_multipliers))
+    # The optimizer sees the model as the rewriting leaves it: with stacked weights, a copy
+    # stacked on the meta device (an lr multiplier must then give every layer one factor).
+    grouped = model
+    if m.remat.stack_weights:
+        grouped = _check_stacked(pre, distributed) if remat_ok else None
+    if grouped is not None:
+        problems.attempt(param_groups, grouped, opt.weight_decay, dict(opt.lr_multipliers))
     if m.pretrained_path:
         from models.hf import check_matches
 
         problems.attempt(check_matches, m, m.pretrained_path)
+
+
+def _check_stacked(pre: Preflight, distributed: bool) -> nn.Module | None:
+    """model.remat.stack_weights can run: not on torch.distributed, one spec for every
+    layer's weight and none splitting the layer dim. Returns the model stacked on the meta
+    device (None when it cannot be)."""
+    m, problems = pre.cfg.model, pre.problems
+    path = m.remat.scan_layers
+    problems.check(
+        not distributed,
+        "model.remat.stack_weights=true: stacked weights run on XLA and on one eager device, "
+        "not on the torch.distributed engine (torchrun with backend=cpu|cuda); set "
+        "model.remat.stack_weights=false there (the scan then runs as a loop).",
+    )
+    problems += split_layer_dim_problem(
+        m.sharding.parameters, pre.model, path, "model.sharding.parameters"
+    )
+    if pre.specs is not None:
+        layers = list(pre.model.get_submodule(path))
+        problems.attempt(layer_specs, path, layers, pre.specs, "model.sharding.parameters")
+    return problems.attempt(meta_stacked, pre.model, path)
 
 
 def check_chunked_head(chunk: int | None, specs: dict[str, PartitionSpec], mesh: Mesh) -> None:

@@ -170,7 +170,7 @@ def place_model(pre: Preflight, backend: Backend) -> nn.Module:
         model.loss_position_groups = context_size(mesh)
         if cfg.model.attention_kernel not in TPU_KERNELS:
             place_sequence_layout(model, SequenceLayout(backend, mesh))
-    apply_rewriting(model, cfg.model.remat, backend)
+    apply_rewriting(model, cfg.model.remat, backend, pre.specs, mesh)
     autocast_forward(model, precision, backend.device.type)
     if cfg.model.attention_kernel in TPU_KERNELS:
         place_kernels(model, KernelPlacement(backend, mesh, pre.qkv_spec))

@@ -6,7 +6,9 @@ Applied from outside the model, by module paths and class names, in this fixed o
   2. `activation_checkpoint_layers`: those modules recompute their activations in backward;
   3. `scan_layers`: the layer stack at that path runs as one scanned loop (XLA: torch_xla's
      scan, so compile time does not grow with depth; eager: the same loop, same numbers). A
-     scanned layer class that is also checkpointed is rematerialized by the scan itself;
+     scanned layer class that is also checkpointed is rematerialized by the scan itself.
+     With `stack_weights` the stack's weights are stored stacked ([layers, ...]) and the scan
+     takes them as its sequence input (torchprime/stacking.py);
   4. `offload_tensors`: inside the scan, the activations the model marked with those names
      (torchprime.offload) are the only ones kept for backward, in host memory; the rest is
      recomputed. TPU only: elsewhere a warning and no offload, or an error with
@@ -32,6 +34,8 @@ from torch import nn
 from torchprime import offload
 from torchprime.backend.base import Backend
 from torchprime.errors import ConfigError, closest
+from torchprime.mesh import Mesh, PartitionSpec
+from torchprime.stacking import CarryLayer, carried, check_identical_layers, stack_layers
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,13 @@ class RematConfig:
     else recomputed; needs scan_layers. TPU only."""
     offload_strict: bool = False
     """Refuse to start where host offload cannot run, instead of warning and running without."""
+    stack_weights: bool = False
+    """With scan_layers: store the scanned layers' parameters stacked, one [layers, ...]
+    tensor per weight (the layer dim never sharded), which the scan takes as its sequence
+    input, so nothing is stacked or split per step and compile time stays flat in depth.
+    false: torch_xla's scan_layers, which stacks the per-layer weights at every step and
+    splits their gradients back. Names stay per layer for sharding patterns, lr multipliers,
+    checkpoints and HF export (torchprime/stacking.py). XLA and one-device eager only."""
 
 
 def check_remat(model: nn.Module, cfg: RematConfig, key: str = "model.remat") -> None:
@@ -80,6 +91,11 @@ def check_remat(model: nn.Module, cfg: RematConfig, key: str = "model.remat") ->
                 f"{key}.offload_tensors needs {key}.scan_layers: activations are offloaded "
                 "by the scan's partitioner."
             )
+    if cfg.stack_weights and cfg.scan_layers is None:
+        raise ConfigError(
+            f"{key}.stack_weights=true needs {key}.scan_layers: the stacked weights are the "
+            "scan's sequence input."
+        )
     if cfg.scan_layers is not None:
         stack = _stack(model, cfg.scan_layers, key)
         kinds = {type(layer).__name__ for layer in stack}
@@ -88,6 +104,8 @@ def check_remat(model: nn.Module, cfg: RematConfig, key: str = "model.remat") ->
                 f"{key}.scan_layers={cfg.scan_layers!r} holds layers of several classes "
                 f"({', '.join(sorted(kinds))}); a scan needs identical layers."
             )
+        if cfg.stack_weights:
+            check_identical_layers(list(stack), f"{key}.stack_weights ({cfg.scan_layers})")
 
 
 def _stack(model: nn.Module, path: str, key: str) -> nn.ModuleList:
@@ -114,8 +132,16 @@ def _inside_scan(model: nn.Module, cfg: RematConfig) -> list[nn.Module]:
     return [m for layer in stack for m in layer.modules() if m is not layer]
 
 
-def apply_rewriting(model: nn.Module, cfg: RematConfig, backend: Backend) -> None:
-    """Rewrite `model` in place as `cfg` says, in the order of this module's docstring."""
+def apply_rewriting(
+    model: nn.Module,
+    cfg: RematConfig,
+    backend: Backend,
+    specs: dict[str, PartitionSpec] | None = None,
+    mesh: Mesh | None = None,
+) -> None:
+    """Rewrite `model` in place as `cfg` says, in the order of this module's docstring.
+    `specs` and `mesh` (the parameters' layout) lay out stacked weights (`stack_weights`);
+    without them they are left unsharded."""
     check_remat(model, cfg)
     inside = _inside_scan(model, cfg)
     if backend.is_xla:
@@ -140,13 +166,15 @@ def apply_rewriting(model: nn.Module, cfg: RematConfig, backend: Backend) -> Non
             _checkpoint_forward(module, backend)
     offloaded = _offloaded(cfg, backend)
     offload.activate(model, offloaded)
-    if cfg.scan_layers is not None:
-        stack = _stack(model, cfg.scan_layers, "model.remat")
-        remat = scanned_class in cfg.activation_checkpoint_layers
-        _scan_forward(stack, backend, remat=remat, pure=cfg.pure_layers, offloaded=offloaded)
     scanned = {id(m) for m in inside}
     if cfg.scan_layers is not None:
-        scanned |= {id(layer) for layer in _stack(model, cfg.scan_layers, "model.remat")}
+        stack = _stack(model, cfg.scan_layers, "model.remat")
+        scanned |= {id(layer) for layer in stack}
+        remat = scanned_class in cfg.activation_checkpoint_layers
+        if cfg.stack_weights:
+            _stack_weights(model, cfg, backend, specs or {}, mesh, remat, offloaded)
+        else:
+            _scan_forward(stack, backend, remat=remat, pure=cfg.pure_layers, offloaded=offloaded)
     for module in model.modules():
         if type(module).__name__ not in cfg.optimization_barrier_layers:
             continue
@@ -214,28 +242,27 @@ def _barrier_forward(module: nn.Module, backend: Backend) -> None:
     backend.add_backward_barrier(module)
 
 
-class _CarryLayer(nn.Module):
-    """One layer as a scan step: carry (x, *shared) → (layer(x, *shared), *shared).
+def _stack_weights(
+    model: nn.Module,
+    cfg: RematConfig,
+    backend: Backend,
+    specs: dict[str, PartitionSpec],
+    mesh: Mesh | None,
+    remat: bool,
+    offloaded: frozenset[str],
+) -> None:
+    def scan(step: nn.Module, carry: tuple, weights: dict[str, torch.Tensor]) -> tuple:
+        return backend.scan_stacked(
+            step, carry, weights, remat=remat, pure=cfg.pure_layers, offloaded=offloaded
+        )
 
-    Inputs that are None (no attention bias, say) are left out of the carry, which holds
-    tensors only, and put back in their places for the layer. Integer inputs (segment ids,
-    token places) travel as float32, which holds them exactly below 2**24: torch_xla's scan
-    makes every carried tensor require gradients, which integer tensors cannot.
-    """
+    def shard(tensor: torch.Tensor, spec: PartitionSpec) -> None:
+        if mesh is not None and any(entry is not None for entry in spec):
+            backend.mark_sharding(tensor, mesh, spec)
 
-    def __init__(self, layer: nn.Module, dtypes: tuple[torch.dtype | None, ...]):
-        super().__init__()
-        self.layer = layer
-        self.dtypes = dtypes
-
-    def forward(self, x: torch.Tensor, *shared: torch.Tensor):
-        it = iter(shared)
-        full = [None if dtype is None else next(it).to(dtype) for dtype in self.dtypes]
-        return (self.layer(x, *full), *shared)
-
-
-def _carried(t: torch.Tensor) -> torch.Tensor:
-    return t if t.is_floating_point() else t.float()
+    stack_layers(model, cfg.scan_layers, scan, specs, shard)
+    # The stacks are lazy on XLA: run them now, so the per-layer weights are freed at once.
+    backend.sync()
 
 
 def _scan_forward(
@@ -243,13 +270,13 @@ def _scan_forward(
 ) -> None:
     # Wrappers are kept per pattern of absent inputs and dtypes, so that a pure scan finds its
     # traced layer again on the next step instead of tracing a new one.
-    wrappers: dict[tuple[torch.dtype | None, ...], list[_CarryLayer]] = {}
+    wrappers: dict[tuple[torch.dtype | None, ...], list[CarryLayer]] = {}
 
     def scanned(self: nn.ModuleList, base_forward, x: torch.Tensor, *shared: Any) -> torch.Tensor:
         dtypes = tuple(None if s is None else s.dtype for s in shared)
         if dtypes not in wrappers:
-            wrappers[dtypes] = [_CarryLayer(layer, dtypes) for layer in self]
-        carry = (x, *(_carried(s) for s in shared if s is not None))
+            wrappers[dtypes] = [CarryLayer(layer, dtypes) for layer in self]
+        carry = (x, *(carried(s) for s in shared if s is not None))
         return backend.scan_layers(
             wrappers[dtypes], carry, remat=remat, pure=pure, offloaded=offloaded
         )[0]

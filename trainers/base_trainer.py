@@ -32,6 +32,7 @@ from torchprime.errors import ConfigError
 from torchprime.mesh import Mesh
 from torchprime.recompile import RecompileError, RecompileGuard
 from torchprime.sharding import BATCH_SPEC
+from torchprime.stacking import per_layer_state, restack_state, stacked_modules
 from trainers.callbacks import StepCallback
 from trainers.checkpoint_manager import CheckpointManager
 from trainers.config import TrainerConfig
@@ -212,15 +213,39 @@ class BaseTrainer:
         """The tensors a checkpoint holds: the model, the optimizer state keyed by parameter
         name (not position, so a checkpoint survives reordered parameter groups), and the
         device counters. The tensors themselves: loading writes into them."""
-        names = {p: n for n, p in self.model.named_parameters()}
+        # Weights stored stacked (model.remat.stack_weights) are written one tensor per layer
+        # under the per-layer names, so a checkpoint loads with or without stacking. On XLA
+        # the layers are copies, laid out like one layer's weight: a load writes into them,
+        # and `tensors_loaded` stacks them back.
+        copy = self.backend.is_xla
+        live = self._live_tensors()
         tensors = {
-            "model": self.model.state_dict(keep_vars=True),
-            "optimizer": {names[p]: dict(s) for p, s in self.optimizer.state.items()},
+            "model": per_layer_state(self.model, live["model"], copy),
+            "optimizer": per_layer_state(self.model, live["optimizer"], copy),
             "counters": {"step_count": self.step_count, **self.optimizer.counters()},
         }
+        if copy and stacked_modules(self.model):
+            self.backend.sync()  # the per-layer copies hold data before a save reads them
         if self.spike is not None:  # the running statistics: a resume decides the same way
             tensors["spike"] = self.spike.state()
         return tensors
+
+    def tensors_loaded(self, tensors: dict[str, Any]) -> None:
+        """After a load into `checkpoint_tensors()`'s tensors (or some of its parts): weights
+        stored stacked get their per-layer values back."""
+        if stacked_modules(self.model):
+            live = self._live_tensors()
+            for part in ("model", "optimizer"):
+                if part in tensors:
+                    restack_state(self.model, live[part], tensors[part])
+
+    def _live_tensors(self) -> dict[str, Any]:
+        """The model's state dict and the optimizer state keyed by parameter name."""
+        names = {p: n for n, p in self.model.named_parameters()}
+        return {
+            "model": self.model.state_dict(keep_vars=True),
+            "optimizer": {names[p]: dict(s) for p, s in self.optimizer.state.items()},
+        }
 
     def host_state(self) -> dict[str, Any]:
         """This host's part of a checkpoint (JSON): data position and RNG states."""

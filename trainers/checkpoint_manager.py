@@ -43,6 +43,10 @@ class Stateful(Protocol):
     def checkpoint_tensors(self) -> dict[str, Any]:
         """Nested dicts of the live tensors (a load writes into them)."""
 
+    def tensors_loaded(self, tensors: dict[str, Any]) -> None:
+        """A load wrote into `tensors` (what `checkpoint_tensors` returned): put what were
+        copies back into the live state."""
+
     def host_state(self) -> dict[str, Any]:
         """This host's JSON record: data position, RNG states."""
 
@@ -129,7 +133,9 @@ class CheckpointManager:
             before = self.backend.compile_count()
             problem = None
             try:
-                record = load_checkpoint(path, state.checkpoint_tensors(), self.backend)
+                tensors = state.checkpoint_tensors()
+                record = load_checkpoint(path, tensors, self.backend)
+                state.tensors_loaded(tensors)
             except CorruptCheckpoint as e:
                 problem = str(e)
             # One host that cannot load it is enough to skip it on all of them.

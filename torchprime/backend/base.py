@@ -207,6 +207,27 @@ class Backend(abc.ABC):
             carry = self.checkpoint(layer, *carry) if remat else layer(*carry)
         return carry
 
+    def scan_stacked(
+        self,
+        step: torch.nn.Module,
+        carry: tuple,
+        weights: dict[str, torch.Tensor],
+        remat: bool,
+        pure: bool,
+        offloaded: frozenset[str] = frozenset(),
+    ) -> tuple:
+        """Apply `step` once per slice i of the stacked `weights` ([layers, ...] tensors named
+        as `step`'s parameters), slice i bound as its parameters, to `carry` (each call returns
+        the next carry). Eager: a loop; the arguments mean what they mean for `scan_layers`."""
+        for i in range(next(iter(weights.values())).shape[0]):
+            sliced = {name: w[i] for name, w in weights.items()}
+            carry = (
+                self.checkpoint(_call_with, step, sliced, *carry)
+                if remat
+                else _call_with(step, sliced, *carry)
+            )
+        return carry
+
     def add_backward_barrier(self, module: torch.nn.Module) -> None:
         """Keep the compiler from fusing `module`'s backward with its neighbours' (XLA only)."""
 
@@ -227,3 +248,8 @@ class Backend(abc.ABC):
 
     def describe(self) -> str:
         return f"{self.name} ({self.device_count} x {self.device_kind})"
+
+
+def _call_with(module: torch.nn.Module, weights: dict[str, torch.Tensor], *args: Any) -> Any:
+    """`module(*args)` with `weights` standing in for its parameters of those names."""
+    return torch.func.functional_call(module, weights, args, strict=True)

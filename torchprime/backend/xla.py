@@ -41,6 +41,7 @@ class XlaBackend(Backend):
         # every later XLA backward fail an internal assert.
         xr.global_runtime_device_count()
         self._meshes: dict[Mesh, xs.Mesh] = {}
+        self._stacked_steps: dict[torch.nn.Module, Any] = {}  # scan_stacked's step functions
         if xr.process_count() > 1 and not torch.distributed.is_initialized():
             # Hosts agree through a CPU process group: checkpoints (one plan, one metadata
             # file, one coordinator sealing the folder), resume, barriers. Untested here: a
@@ -232,6 +233,34 @@ class XlaBackend(Backend):
         else:
             partition = min_cut_rematerialization_partition if remat else default_partition
         return scan_layers(layers, carry, partition_fn=partition, is_layer_pure=pure)
+
+    def scan_stacked(
+        self,
+        step: torch.nn.Module,
+        carry: tuple,
+        weights: dict[str, torch.Tensor],
+        remat: bool,
+        pure: bool,
+        offloaded: frozenset[str] = frozenset(),
+    ) -> tuple:
+        # torch_xla's scan with the stacked weights as its xs: each iteration gets slice i of
+        # every weight and binds it into the step module; nothing is stacked or split here.
+        # The step function is kept per module, so a pure scan finds its traced graphs again.
+        from functorch.compile import default_partition, min_cut_rematerialization_partition
+        from torch_xla.experimental.scan import scan
+
+        if offloaded:
+            partition = self.offload_partition(offloaded)
+        else:
+            partition = min_cut_rematerialization_partition if remat else default_partition
+        fn = self._stacked_steps.get(step)
+        if fn is None:
+
+            def fn(c: tuple, w: dict[str, torch.Tensor]) -> tuple[tuple, None]:
+                return torch.func.functional_call(step, w, c, strict=True), None
+
+            self._stacked_steps[step] = fn
+        return scan(fn, carry, weights, partition_fn=partition, is_fn_pure=pure)[0]
 
     def offload_partition(self, names: frozenset[str]):
         """The scan partition function that keeps the activations marked `names` on the host."""
