@@ -22,7 +22,7 @@ from data.eval_batches import cut_eval_batches, training_holdout
 from data.pipeline import TextBatches
 from data.tokenizers import Tokenizer, build_tokenizer
 from models import build_model
-from models.memory import ActivationEstimate, estimate_activations
+from models.memory import ActivationEstimate, estimate_activations, expert_slots_per_token
 from optimizers.groups import param_groups
 from torchprime.attention import TPU_KERNELS, check_attention_kernel
 from torchprime.backend.base import Backend
@@ -30,7 +30,8 @@ from torchprime.chips import CHIPS, Chip, chip_of
 from torchprime.context import context_problems, context_size, splits_sequence
 from torchprime.dtensor_layout import check_dtensor_specs
 from torchprime.errors import ConfigError, Problems
-from torchprime.mesh import AXES, Mesh, data_parallel_index, resolve_mesh
+from torchprime.experts import expert_problems
+from torchprime.mesh import AXES, Mesh, data_parallel_index, describe_batch_axes, resolve_mesh
 from torchprime.plan import (
     FitVerdict,
     ShardingPlan,
@@ -44,6 +45,7 @@ from torchprime.sharding import (
     BATCH_SPEC,
     ActivationSpec,
     PartitionSpec,
+    dispatch_spec,
     micro_batch_rows,
     plan_activation_specs,
     plan_parameter_specs,
@@ -124,6 +126,8 @@ class Preflight:
     specs: dict[str, PartitionSpec] | None = None
     activation_specs: list[ActivationSpec] | None = None
     qkv_spec: PartitionSpec | None = None
+    dispatch_spec: PartitionSpec | None = None
+    """Of a mixture-of-experts model's expert buffers (torchprime/experts.py)."""
     batches: TextBatches | None = None
     """This host's data pipeline, opened (its sources read up to their first document)."""
     eval_batches: list[dict[str, Any]] | None = None
@@ -310,7 +314,8 @@ def check_hosts_hold_data_blocks(mesh: Mesh, devices: Devices) -> None:
     ways = mesh.size(BATCH_SPEC[0])
     if ways % devices.hosts:
         raise ConfigError(
-            f"the mesh's {ways} data-parallel devices (data x fsdp) do not split over the "
+            f"the mesh's {ways} data-parallel devices ({describe_batch_axes(mesh)}) do not split "
+            "over the "
             f"{devices.hosts} hosts: each host reads its own part of the batch."
         )
     per_host = ways // devices.hosts
@@ -357,6 +362,7 @@ def _check_model(pre: Preflight) -> None:
         problems.attempt(check_chunked_head, m.loss_chunk_size, pre.specs, pre.mesh)
     pre.activation_specs = problems.attempt(plan_activation_specs, model, m.sharding)
     _check_context(pre)
+    _check_experts(pre)
     problems.attempt(check_remat, model, m.remat)
     opt = cfg.trainer.optimizer
     problems.attempt(param_groups, model, opt.weight_decay, dict(opt.lr_multipliers))
@@ -401,6 +407,16 @@ def _check_context(pre: Preflight) -> None:
         engine=engine,
         sequence_split=split,
     )
+
+
+def _check_experts(pre: Preflight) -> None:
+    """Expert parallelism (the experts split over `expert`) as configured can run."""
+    m = pre.cfg.model
+    pre.dispatch_spec = pre.problems.attempt(dispatch_spec, m.sharding)
+    if pre.mesh is None:
+        pre.skip("expert parallelism", "a valid mesh")
+        return
+    pre.problems += expert_problems(pre.mesh, m, pre.dispatch_spec)
 
 
 def _open_data(pre: Preflight) -> None:
@@ -449,7 +465,8 @@ def _open_eval_data(pre: Preflight) -> None:
         if cfg.eval.batch_size is None:
             key += f" (a training micro-batch, {rows} rows)"
         pre.problems.append(
-            f"{key} does not split over the {ways} data-parallel devices (data x fsdp) of mesh "
+            f"{key} does not split over the {ways} data-parallel devices "
+            f"({describe_batch_axes(pre.mesh)}) of mesh "
             f"{pre.mesh.describe()}"
             + (f" and {hosts} hosts" if hosts > 1 else "")
             + f": it must be a multiple of {ways if rows % ways else hosts}."
@@ -506,6 +523,7 @@ def step_shape(cfg: TrainConfig, model: nn.Module) -> StepShape:
         activation_bytes=cfg.resolved_precision.compute.itemsize,
         rematerialized=layer in m.remat.activation_checkpoint_layers
         or bool(m.remat.scan_layers and m.remat.offload_tensors),
+        dispatched_per_token=expert_slots_per_token(m) if hasattr(m, "num_local_experts") else 0,
     )
 
 

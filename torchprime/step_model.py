@@ -14,7 +14,11 @@ Per device and per step it counts
   layer's [tokens, hidden] activations (2 in the forward, 2 in the backward, 2 more when
   rematerialized); context parallelism's all-gathers of keys and values (and reduce-scatters
   of their gradients), or with the Pallas kernels, which split heads over `context` instead,
-  the all-to-alls that swap q, k, v to heads and the output back.
+  the all-to-alls that swap q, k, v to heads and the output back; expert parallelism's
+  all-to-alls over `expert` that send each device's dispatched tokens ([experts, capacity,
+  hidden] buffers, top-k x capacity factor x its tokens) to the devices of their experts and
+  the experts' outputs back, in the forward and again for their gradients (and once more when
+  rematerialized).
 Ring collectives: an all-gather or reduce-scatter over n devices moves (n-1)/n of the full
 tensor into each device, an all-reduce twice that; an axis spanning slices runs its ring inside
 each slice over ICI first, then across slices over DCN on 1/ici of the bytes.
@@ -32,10 +36,11 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from torchprime.chips import Chip
-from torchprime.mesh import AXES, Mesh, axes_of
+from torchprime.mesh import AXES, BATCH_AXES, Mesh, axes_of
 from torchprime.plan import ShardingPlan, format_bytes
 
-#: Mesh axes that split the batch: weights split over them are gathered before use (FSDP).
+#: Mesh axes whose weight shards are gathered before use (FSDP). `expert` splits the batch
+#: too (BATCH_AXES), but a weight split over it is an expert's, used where it is stored.
 DATA_AXES = ("data", "fsdp")
 
 
@@ -60,6 +65,9 @@ class StepShape:
     """Bytes of one activation element (the compute dtype)."""
     rematerialized: bool
     """The decoder layers' forward runs again in the backward pass."""
+    dispatched_per_token: float = 0.0
+    """Mixture of experts: expert-buffer slots per token (top-k x capacity factor), 0 for a
+    dense model."""
 
 
 @dataclass(frozen=True)
@@ -172,7 +180,7 @@ def predict_step(plan: ShardingPlan, shape: StepShape, chip: Chip) -> StepModel:
         full = p.shard_bytes * math.prod(mesh.shape[a] for a in split)
         if split:
             _tally(gathered, split, full)
-        over = tuple(a for a in DATA_AXES if a not in used and mesh.shape[a] > 1)
+        over = tuple(a for a in BATCH_AXES if a not in used and mesh.shape[a] > 1)
         if over:
             _tally(replicated, over, p.shard_bytes)
         model.hbm_bytes += full * weight_passes * micro
@@ -187,7 +195,7 @@ def predict_step(plan: ShardingPlan, shape: StepShape, chip: Chip) -> StepModel:
     # AdamW: read parameters, gradients and both moments, write parameters and moments.
     model.hbm_bytes += 2 * plan.parameter_bytes + plan.gradient_bytes + 2 * plan.optimizer_bytes
 
-    batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    batch_ways = math.prod(mesh.shape[a] for a in BATCH_AXES)
     local_tokens = shape.tokens_per_step / micro / batch_ways / mesh.shape["context"]
     per_layer = shape.layers * micro
     activation = local_tokens * shape.hidden * shape.activation_bytes
@@ -210,6 +218,13 @@ def predict_step(plan: ShardingPlan, shape: StepShape, chip: Chip) -> StepModel:
         _add(model, mesh, "all-gather", ("context",), "keys and values", gathers, gathers * kv)
         what = "key and value gradients"
         _add(model, mesh, "reduce-scatter", ("context",), what, per_layer, per_layer * kv)
+
+    # Expert parallelism: each device's buffers [experts, capacity, hidden] to the experts'
+    # devices and the outputs back, in each forward pass and for their gradients.
+    buffers = local_tokens * shape.dispatched_per_token * shape.hidden * shape.activation_bytes
+    swaps = 2 * (passes + 1) * per_layer
+    what = "tokens to their experts and the outputs back"
+    _add(model, mesh, "all-to-all", ("expert",), what, swaps, swaps * buffers)
 
     model.tokens_per_device = shape.tokens_per_step / n
     model.model_flops = shape.model_flops_per_token * model.tokens_per_device
