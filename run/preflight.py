@@ -22,7 +22,7 @@ from data.eval_batches import cut_eval_batches, training_holdout
 from data.pipeline import TextBatches
 from data.tokenizers import Tokenizer, build_tokenizer
 from models import build_model
-from models.memory import ActivationEstimate, estimate_activations, expert_slots_per_token
+from models.memory import ActivationEstimate, estimate_activations
 from optimizers.groups import param_groups
 from torchprime.attention import TPU_KERNELS, check_attention_kernel
 from torchprime.backend.base import Backend
@@ -523,7 +523,7 @@ def step_shape(cfg: TrainConfig, model: nn.Module) -> StepShape:
         activation_bytes=cfg.resolved_precision.compute.itemsize,
         rematerialized=layer in m.remat.activation_checkpoint_layers
         or bool(m.remat.scan_layers and m.remat.offload_tensors),
-        dispatched_per_token=expert_slots_per_token(m) if hasattr(m, "num_local_experts") else 0,
+        experts_per_token=getattr(m, "num_experts_per_tok", 0),
     )
 
 

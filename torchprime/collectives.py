@@ -8,9 +8,10 @@ each device then cuts to its own part (by `partition-id`); the audit reads that 
 reduce-scatter a TPU compiles it to.
 
 Flags:
-- a weight gathered over an axis that is not data-parallel (`tensor`, `expert`, `context`): its
-  spec splits it for compute, and the partitioner gathers it whole because its neighbours'
-  specs disagree;
+- a weight gathered over an axis that is not data-parallel (`tensor`, `context`, and `expert`
+  for an expert's weights, which expert parallelism keeps where they are stored): its spec
+  splits it for compute, and the partitioner gathers it whole because its neighbours' specs
+  disagree;
 - a weight matrix's gradient all-reduced whole over an axis the weight is split on, where FSDP
   reduce-scatters it (vectors are left out: a [hidden] all-reduce is as likely a norm's
   statistic, and costs nothing);
@@ -33,6 +34,9 @@ from torchprime.plan import ParameterPlan, ShardingPlan, shard_shape
 
 KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 DATA_AXES = ("data", "fsdp")
+#: `expert` splits the batch too (torchprime/mesh.py BATCH_AXES): a weight other than an
+#: expert's may be split over it like over fsdp, and gathered where it is used.
+EXPERT_PARALLEL = "expert"
 
 _INSTRUCTION = re.compile(
     r"^\s*(?:ROOT\s+)?%(?P<name>[\w.\-]+) = (?P<type>\([^)]*\)|\w+\[[\d,]*\])\S*\s+"
@@ -318,7 +322,9 @@ def _weight_flags(c: Collective, weights: list[ParameterPlan], names: list[str])
             "its shards are not the ones that use them, so its spec disagrees with the "
             "activations it meets"
         ]
-    if c.kind == "all-gather" and any(a not in DATA_AXES for a in c.axes):
+    experts = any(".experts." in f".{p.name}" for p in weights)
+    data_axes = DATA_AXES if experts else (*DATA_AXES, EXPERT_PARALLEL)
+    if c.kind == "all-gather" and any(a not in data_axes for a in c.axes):
         return [
             f"{which} {spec} is all-gathered over {'+'.join(c.axes)}{where}: it is split there "
             "for compute, so the partitioner un-splits it whole; its spec disagrees with the "

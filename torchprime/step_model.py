@@ -14,11 +14,11 @@ Per device and per step it counts
   layer's [tokens, hidden] activations (2 in the forward, 2 in the backward, 2 more when
   rematerialized); context parallelism's all-gathers of keys and values (and reduce-scatters
   of their gradients), or with the Pallas kernels, which split heads over `context` instead,
-  the all-to-alls that swap q, k, v to heads and the output back; expert parallelism's
-  all-to-alls over `expert` that send each device's dispatched tokens ([experts, capacity,
-  hidden] buffers, top-k x capacity factor x its tokens) to the devices of their experts and
-  the experts' outputs back, in the forward and again for their gradients (and once more when
-  rematerialized).
+  the all-to-alls that swap q, k, v to heads and the output back; a mixture-of-experts
+  layer's routing (models/moe.py), which fills each expert's slots in token order over the
+  whole micro-batch: every data-parallel device (data, fsdp, expert) gathers the micro-batch's
+  tokens [tokens, hidden] and the k expert outputs of each [k x tokens, hidden] in each
+  forward pass, and reduce-scatters their gradients (measured in the partitioned step).
 Ring collectives: an all-gather or reduce-scatter over n devices moves (n-1)/n of the full
 tensor into each device, an all-reduce twice that; an axis spanning slices runs its ring inside
 each slice over ICI first, then across slices over DCN on 1/ici of the bytes.
@@ -65,9 +65,8 @@ class StepShape:
     """Bytes of one activation element (the compute dtype)."""
     rematerialized: bool
     """The decoder layers' forward runs again in the backward pass."""
-    dispatched_per_token: float = 0.0
-    """Mixture of experts: expert-buffer slots per token (top-k x capacity factor), 0 for a
-    dense model."""
+    experts_per_token: int = 0
+    """Mixture of experts: the k experts each token is routed to; 0 for a dense model."""
 
 
 @dataclass(frozen=True)
@@ -219,12 +218,16 @@ def predict_step(plan: ShardingPlan, shape: StepShape, chip: Chip) -> StepModel:
         what = "key and value gradients"
         _add(model, mesh, "reduce-scatter", ("context",), what, per_layer, per_layer * kv)
 
-    # Expert parallelism: each device's buffers [experts, capacity, hidden] to the experts'
-    # devices and the outputs back, in each forward pass and for their gradients.
-    buffers = local_tokens * shape.dispatched_per_token * shape.hidden * shape.activation_bytes
-    swaps = 2 * (passes + 1) * per_layer
-    what = "tokens to their experts and the outputs back"
-    _add(model, mesh, "all-to-all", ("expert",), what, swaps, swaps * buffers)
+    if shape.experts_per_token:
+        # The routing over the whole micro-batch: its tokens and their k expert outputs
+        # gathered on every data-parallel device, their gradients reduce-scattered.
+        routed = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1)
+        batch = local_tokens * batch_ways
+        moved = batch * (1 + shape.experts_per_token) * shape.hidden * shape.activation_bytes
+        what = "MoE routing: the micro-batch's tokens and their k expert outputs"
+        _add(model, mesh, "all-gather", routed, what, 2 * passes * per_layer,
+             passes * per_layer * moved)  # fmt: skip
+        _add(model, mesh, "reduce-scatter", routed, what, 2 * per_layer, per_layer * moved)
 
     model.tokens_per_device = shape.tokens_per_step / n
     model.model_flops = shape.model_flops_per_token * model.tokens_per_device
