@@ -11,6 +11,8 @@ A mixture-of-experts block keeps its expert buffers instead of the MLP's activat
 token, top-k x capacity_factor slots of the hidden width (the dispatched tokens and the
 experts' outputs) and of four times the expert width (the SwiGLU inside each expert), so
 the capacity factor scales them (dropless routing on XLA: every expert, E slots a token).
+Its routing also gathers the whole micro-batch's tokens and their k outputs on every device
+while the layer runs (`routing_gather_elements`), counted in the working set.
 
 With the sequence split over `context` (context parallelism, torchprime/context.py) a device
 holds T / N tokens of each of its rows, so every per-token term falls N-fold; what does not is
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 
 from models.llama import LlamaConfig
 from torchprime.attention import TPU_KERNELS
-from torchprime.mesh import Mesh
+from torchprime.mesh import BATCH_AXES, Mesh
 from torchprime.rewriting import RematConfig
 
 #: Bytes of the float32 copy of the logits the loss takes.
@@ -94,6 +96,16 @@ def expert_slots_per_token(cfg: LlamaConfig) -> float:
     return cfg.num_local_experts
 
 
+def routing_gather_elements(cfg: LlamaConfig, device_tokens: float, mesh: Mesh) -> float:
+    """What a mixture-of-experts layer gathers on every device while it runs: the routing
+    fills the experts' slots over the whole micro-batch (models/moe.py), so each device
+    receives its tokens [tokens, hidden] and their k expert outputs [k x tokens, hidden]."""
+    if getattr(cfg, "num_local_experts", None) is None:
+        return 0.0
+    batch_tokens = device_tokens * mesh.size(BATCH_AXES)
+    return batch_tokens * (1 + cfg.num_experts_per_tok) * cfg.hidden_size
+
+
 def moe_per_token_elements(cfg: LlamaConfig, tensor: int) -> dict[str, float]:
     """What a mixture-of-experts block keeps per token for the backward pass: the router's
     logits and probabilities, the dispatched tokens and the experts' outputs ([experts,
@@ -152,6 +164,7 @@ def estimate_activations(
         working = layer + layer_mask
     else:
         host, device_kept, working = 0, layer * layers, layer_mask
+    working += routing_gather_elements(cfg, rows_per_device * seq_len, mesh) * dtype_bytes
     vocab = cfg.vocab_size / tensor  # the LM head's output split over tensor, as in fsdp_tp
     logit_tokens = tokens
     if cfg.loss_chunk_size is not None:  # one chunk of positions of every row at a time

@@ -16,7 +16,9 @@ Flags:
   reduce-scatters it (vectors are left out: a [hidden] all-reduce is as likely a norm's
   statistic, and costs nothing);
 - an activation gathered on its batch or sequence dimension (keys and values over `context`
-  excepted: context parallelism gathers them on purpose);
+  excepted: context parallelism gathers them on purpose; a mixture-of-experts layer's expert
+  buffers [experts, slots, hidden] are named as such and not flagged: the partitioner may
+  gather their slots rather than the experts' weights, whichever is smaller);
 - attention's [batch, heads, ...] tensors gathered on the heads over `tensor`: every
   tensor-parallel device then computes attention for all heads;
 - every "involuntary full rematerialization" the partitioner logged.
@@ -257,6 +259,16 @@ def _weights(c: Collective, plan: ShardingPlan) -> list[ParameterPlan]:
     ]
 
 
+def _expert_buffer(c: Collective, plan: ShardingPlan) -> bool:
+    """Whether `c` moves a mixture-of-experts layer's expert buffer [experts, slots, hidden]
+    (all of a layer's experts or a device's share of them)."""
+    down = [p for p in plan.parameters if p.name.endswith(".experts.down_proj")]
+    if not down or len(c.shape) != 3:
+        return False
+    p = down[0]  # [experts, hidden, width]
+    return c.shape[0] in (p.shape[0], p.shard_shape[0]) and c.shape[2] == p.shape[1]
+
+
 def audit(
     collectives: list[Collective], plan: ShardingPlan, layers: int, module: str, log_text: str = ""
 ) -> Audit:
@@ -270,6 +282,10 @@ def audit(
             names = sorted({_pattern(p.name) for p in weights})
             what = " or ".join(names)
             result.flags += _weight_flags(c, weights, names)
+        elif _expert_buffer(c, plan):
+            # How the experts' matmuls are split is the partitioner's choice: with their
+            # weights split over fsdp it may gather a buffer's slots instead of the weights.
+            what = f"expert buffer {c.dtype}{list(c.shape)}"
         else:
             what = f"activation {c.dtype}{list(c.shape)}"
             result.flags += _activation_flags(c)
