@@ -123,3 +123,31 @@ def test_an_expert_axis_on_a_dense_model_stops_the_run_at_start_up():
     pre = preflight(cfg, Devices(kind="CPU", count=4), open_data=False)
     with pytest.raises(ConfigError, match="model.name=llama has no experts"):
         pre.raise_if_problems()
+
+
+def test_the_pod_plan_counts_experts_per_device_and_buffers_at_the_capacity_factor():
+    import dataclasses
+
+    from models import build_model
+    from models.memory import moe_per_token_elements
+    from run.preflight import Devices, plan_report, preflight
+    from trainers.metrics import model_flops_per_token
+
+    cfg = composed("+config=mixtral_8x7b_v5p_128")
+    pre = preflight(cfg, Devices.of_target(cfg.target), open_data=False)
+    assert pre.ok, list(pre.problems)
+    report = plan_report(pre)
+    # each chip: one of the 8 experts of each layer, an eighth of it (fsdp=8 inside)
+    assert "[8, 28672, 4096]   [expert, fsdp, -]      [1, 3584, 4096]" in report
+    assert "of which experts   1.31 GiB  (parts of 1 of the 8 experts of each layer)" in report
+    # the expert buffers: top-k x capacity factor slots a token, of the hidden width
+    elements = moe_per_token_elements(cfg.model, tensor=1)
+    assert elements["dispatched"] == 2 * 1.25 * 4096
+    wider = dataclasses.replace(cfg.model, capacity_factor=2.5)
+    assert moe_per_token_elements(wider, tensor=1)["dispatched"] == 2 * elements["dispatched"]
+    # model FLOPs count the 2 of 8 experts a token uses: 12.88B active parameters with the
+    # embedding (published: 12.9B), against 46.7B in all
+    active = model_flops_per_token(build_model(cfg.model, cfg.resolved_precision.params), 0) / 6
+    assert round((active + 32000 * 4096) / 1e9, 2) == 12.88
+    assert "step model (roofline, per device per step, TPU v5p x 64)" in report
+    assert "MoE routing: the micro-batch's tokens and their k expert outputs" in report
