@@ -139,7 +139,9 @@ class MixtralForCausalLM(LlamaForCausalLM):
         labels: torch.Tensor | None,
         targets: torch.Tensor | None,
     ) -> CausalLMOutput:
-        """Llama's head and loss, plus the router losses (when there is a loss) and metrics."""
+        """Llama's head and loss, plus the router losses in training (the objective; an
+        evaluation's loss stays the cross-entropy, comparable with a dense model's), and the
+        routing metrics."""
         hidden, stats = decoded
         out = super().output(hidden, labels, targets)
         cfg = self.config
@@ -150,7 +152,7 @@ class MixtralForCausalLM(LlamaForCausalLM):
             num_tokens=hidden.shape[0] * hidden.shape[1],
             num_layers=cfg.num_hidden_layers,
         )
-        if out.loss is not None:
+        if out.loss is not None and self.training:
             out.loss = (
                 out.loss
                 + cfg.router_aux_loss_coef * metrics["aux_loss"]

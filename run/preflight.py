@@ -40,7 +40,7 @@ from torchprime.plan import (
     format_plan,
     make_plan,
 )
-from torchprime.rewriting import check_remat
+from torchprime.rewriting import check_remat, listed_name
 from torchprime.sharding import (
     BATCH_SPEC,
     ActivationSpec,
@@ -487,7 +487,8 @@ def _plan(pre: Preflight) -> None:
     t = cfg.trainer
     if t.global_batch_size >= 1 and t.grad_accum_steps >= 1:
         rows = t.global_batch_size / t.grad_accum_steps / pre.mesh.size(BATCH_SPEC[0])
-        layer = type(pre.model.decoder_layers[0]).__name__
+        remat = cfg.model.remat.activation_checkpoint_layers
+        layer = listed_name(pre.model.decoder_layers[0], remat)  # the name remat knows it by
         pre.activations = estimate_activations(
             cfg.model,
             cfg.model.remat,
@@ -510,7 +511,7 @@ def _plan(pre: Preflight) -> None:
 def step_shape(cfg: TrainConfig, model: nn.Module) -> StepShape:
     """What the step model needs of `cfg` and its (meta) model."""
     m, block = cfg.model, cfg.data.block_size
-    layer = type(model.decoder_layers[0]).__name__
+    layer = listed_name(model.decoder_layers[0], m.remat.activation_checkpoint_layers)
     return StepShape(
         model_flops_per_token=model_flops_per_token(model, block),
         tokens_per_step=cfg.trainer.global_batch_size * block,

@@ -11,11 +11,16 @@ import torch
 from hydra.errors import ConfigCompositionException
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-from conftest import composed
+from conftest import composed, requires_xla
 from models import build_model
 from models.mixtral import MixtralConfig, MixtralForCausalLM
 from models.moe import MixtralSparseMoeBlock, expert_capacity
+from torchprime.backend import select_backend
 from torchprime.errors import ConfigError
+from torchprime.materialize import materialize
+from torchprime.mesh import MeshAxesConfig, resolve_mesh
+from torchprime.rewriting import RematConfig, apply_rewriting
+from torchprime.sharding import BATCH_SPEC, plan_parameter_specs
 
 TINY = dict(intermediate_size=96, num_hidden_layers=2)
 
@@ -152,3 +157,85 @@ def test_the_preset_picks_the_family_schema_and_its_keys():
         "'llama'): choose the family with a preset, model=PRESET (configs/model/), which sets "
         "both."
     ]
+
+
+def loss_grads_metrics(backend, mesh, remat: RematConfig, seed: int = 1, **overrides):
+    """One forward and backward of a materialized, rewritten tiny Mixtral on `backend`."""
+    cfg = MixtralConfig(**{**TINY, **overrides})
+    model = build_model(cfg, torch.float32)
+    specs = plan_parameter_specs(model, cfg.sharding, mesh)
+    init = model.init_module_weights
+    materialize(model, specs, mesh, backend, init, torch.Generator().manual_seed(0))
+    apply_rewriting(model, remat, backend)
+    return model, run_once(model, backend, mesh, seed)
+
+
+def run_once(model, backend, mesh, seed):
+    ids = backend.place(tokens(4, 16, seed), mesh, BATCH_SPEC)
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    text = backend.graph_text([out.loss, *grads.values()])
+    backend.sync()
+    model.zero_grad(set_to_none=True)
+    metrics = {k: v.item() for k, v in out.metrics.items()}
+    return out.loss.item(), {n: g.cpu() for n, g in grads.items()}, metrics, text
+
+
+def assert_same(a, b, tol):
+    assert abs(a[0] - b[0]) < tol
+    for name in a[1]:
+        torch.testing.assert_close(a[1][name], b[1][name], rtol=tol, atol=tol, msg=name)
+    for name in a[2]:
+        assert abs(a[2][name] - b[2][name]) < tol, name
+
+
+SCAN_REMAT = RematConfig(
+    scan_layers="model.layers", activation_checkpoint_layers=["LlamaDecoderLayer"]
+)
+
+
+@pytest.mark.parametrize(
+    "remat",
+    [
+        RematConfig(scan_layers="model.layers"),
+        SCAN_REMAT,
+        RematConfig(
+            activation_checkpoint_layers=["MixtralDecoderLayer"],
+            optimization_barrier_layers=["MixtralDecoderLayer"],
+        ),
+    ],
+)
+def test_eager_scan_and_remat_keep_the_loss_gradients_and_router_metrics(remat):
+    backend = select_backend("cpu", cpu_devices=1)
+    mesh = resolve_mesh(MeshAxesConfig(), MeshAxesConfig(), None)
+    moe = dict(moe_implementation="capacity", capacity_factor=1.0)
+    _, base = loss_grads_metrics(backend, mesh, RematConfig(), **moe)
+    assert base[2]["dropped_fraction"] > 0
+    _, rewritten = loss_grads_metrics(backend, mesh, remat, **moe)
+    assert_same(rewritten, base, 1e-6)
+
+
+@requires_xla
+def test_xla_both_routings_compile_once_and_scan_keeps_the_numbers():
+    """On 4 virtual devices: capacity (unrolled, and scanned with remat) and dropless give
+    eager's loss, gradients and router metrics, and a third batch compiles nothing new."""
+    eager = select_backend("cpu", cpu_devices=1)
+    one = resolve_mesh(MeshAxesConfig(), MeshAxesConfig(), None)
+    xla = select_backend("xla", cpu_devices=4)
+    mesh = resolve_mesh(MeshAxesConfig(fsdp=4), MeshAxesConfig(), 4)
+    cases = {
+        "capacity": (RematConfig(), dict(moe_implementation="capacity", capacity_factor=1.0)),
+        "capacity_scan": (SCAN_REMAT, dict(moe_implementation="capacity", capacity_factor=1.0)),
+        "dropless": (RematConfig(), dict(moe_implementation="dropless")),
+    }
+    for name, (remat, moe) in cases.items():
+        _, reference = loss_grads_metrics(eager, one, RematConfig(), **moe)
+        model, first = loss_grads_metrics(xla, mesh, remat, **moe)
+        assert_same(first, reference, 1e-5)
+        run_once(model, xla, mesh, 2)  # a scan traces its layer again once (warm-up)
+        compiled = xla.compile_count()
+        run_once(model, xla, mesh, 3)
+        assert xla.compile_count() == compiled, name
+        if name == "capacity_scan":
+            assert " while(" in first[3]  # the layers run as one loop
