@@ -96,6 +96,8 @@ class TrainConfig:
     output_dir: str = "outputs/${run_name}"
     """Where config.yaml, metrics.jsonl, checkpoints/ and the log go."""
     model: LlamaConfig = field(default_factory=LlamaConfig)
+    """The model: a Llama by default; a preset of another family (model=tiny_moe,
+    model=mixtral_8x7b) brings that family's schema, a subclass (models.MODELS)."""
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -173,9 +175,11 @@ class TrainConfig:
 
 def register_schema() -> None:
     """The schema configs/default.yaml builds on, and the resolver it names output_dir with."""
+    from models import register_model_schemas
     from run.output_dir import register_output_dir_check
 
     ConfigStore.instance().store(name="schema", node=TrainConfig)
+    register_model_schemas()
     register_output_dir_check()
 
 

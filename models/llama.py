@@ -8,8 +8,9 @@ map one to one. Shapes: B batch, T sequence, H heads, K key/value heads, D head 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -47,8 +48,12 @@ class RopeScalingConfig:
 class LlamaConfig:
     """The model: architecture (HF LlamaConfig names), kernels, and how it is sharded."""
 
+    family: ClassVar[str] = "llama"
+    """The `name` this schema belongs to (a Mixtral preset brings its own schema)."""
+
     name: str = "llama"
-    """Model family in the registry (models.MODELS)."""
+    """Model family in the registry (models.MODELS): llama or mixtral. Set by the model preset
+    (configs/model/), which also picks the family's schema."""
     vocab_size: int = 264
     """Rows of the embedding and the LM head; at least the tokenizer's vocabulary."""
     hidden_size: int = 128
@@ -97,8 +102,8 @@ class LlamaConfig:
     logits exist instead of the whole sequence's (models/chunked_loss.py). The same loss and
     gradients; the output has no logits. null: the whole sequence at once."""
     pretrained_path: str | None = None
-    """An HF Llama folder (config.json + safetensors) to start from instead of a random init;
-    its architecture must match this config."""
+    """An HF folder of this family (config.json + safetensors) to start from instead of a
+    random init; its architecture must match this config."""
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     """Partition specs of the parameters (configs/model/sharding/)."""
     remat: RematConfig = field(default_factory=RematConfig)
@@ -111,6 +116,13 @@ class LlamaConfig:
     def problems(self, key: str = "model") -> Problems:
         """What makes this architecture impossible, one line a problem naming the key."""
         found = Problems()
+        if self.name != self.family:
+            found.append(
+                f"{key}.name={self.name!r} does not match the model preset's schema "
+                f"({type(self).__name__}, name {self.family!r}): choose the family with a "
+                f"preset, model=PRESET (configs/model/), which sets both."
+            )
+            return found
         for name in (
             "vocab_size",
             "hidden_size",
@@ -358,15 +370,17 @@ class LlamaMLP(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     offloaded: frozenset[str] = frozenset()
     """Marked activations kept on the host, set from outside (torchprime.offload.activate)."""
+    make_mlp: ClassVar[Callable[[LlamaConfig], nn.Module]] = LlamaMLP
+    """Builds the feed-forward block (a mixture of experts in models/mixtral.py)."""
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = LlamaAttention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = LlamaMLP(cfg)
+        self.mlp = self.make_mlp(cfg)
 
-    def forward(
+    def attend(
         self,
         x: torch.Tensor,
         cos: torch.Tensor,
@@ -375,23 +389,29 @@ class LlamaDecoderLayer(nn.Module):
         token_index: torch.Tensor | None = None,
         bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """The attention half: x + attention(norm(x)), marked as the feed-forward's input."""
         x = offload_name(x, "decoder_input", self.offloaded)
         attention = self.self_attn(
             self.input_layernorm(x), cos, sin, segment_ids, token_index, bias
         )
-        x = x + attention
-        x = offload_name(x, "mlp_input", self.offloaded)
+        return offload_name(x + attention, "mlp_input", self.offloaded)
+
+    def forward(self, x: torch.Tensor, *shared: torch.Tensor | None) -> torch.Tensor:
+        """x [B, T, E]; shared: cos, sin, segment_ids, token_index, bias (see `attend`)."""
+        x = self.attend(x, *shared)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class LayerStack(nn.ModuleList):
     """Identical layers applied in turn, each taking (x, *shared) and returning the new x.
 
-    The stack is one call in the model's forward, so the model rewriting can run it as a scan
+    x is a tensor, or a tuple of tensors every layer updates (a mixture of experts carries its
+    router statistics beside the hidden states); `shared` is the same for every layer. The
+    stack is one call in the model's forward, so the model rewriting can run it as a scan
     (torchprime.rewriting): one layer compiled once, however deep the stack.
     """
 
-    def forward(self, x: torch.Tensor, *shared: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: Any, *shared: torch.Tensor | None) -> Any:
         for layer in self:
             x = layer(x, *shared)
         return x
@@ -400,10 +420,12 @@ class LayerStack(nn.ModuleList):
 class LlamaModel(nn.Module):
     """The decoder stack without the LM head (HF's `model.` prefix)."""
 
+    layer_class: ClassVar[type[nn.Module]] = LlamaDecoderLayer
+
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = LayerStack(LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = LayerStack(self.layer_class(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(cfg)
 
@@ -417,8 +439,16 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [B, T, E]
         cos, sin = self.rotary_emb(position_ids, x.dtype)
-        x = self.layers(x, cos, sin, segment_ids, token_index, attention_bias)
-        return self.norm(x)
+        x = self.layers(self.carry_in(x), cos, sin, segment_ids, token_index, attention_bias)
+        return self.carry_out(x)
+
+    def carry_in(self, x: torch.Tensor) -> Any:
+        """What the layer stack carries from layer to layer, starting from the embeddings."""
+        return x
+
+    def carry_out(self, carried: Any) -> Any:
+        """The model's output from the stack's last carry: the final norm of the hidden states."""
+        return self.norm(carried)
 
 
 @dataclass
@@ -426,7 +456,10 @@ class CausalLMOutput:
     logits: torch.Tensor | None
     """[B, T, vocab]; None when the loss was computed in chunks (model.loss_chunk_size)."""
     loss: torch.Tensor | None
-    """Mean cross-entropy over the tokens with a label; None without labels."""
+    """Mean cross-entropy over the tokens with a label (plus a model's own auxiliary losses,
+    such as a mixture of experts' router losses); None without labels."""
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Scalars to log beside the loss (a mixture of experts: aux_loss, dropped_fraction...)."""
 
 
 class LlamaForCausalLM(nn.Module):
@@ -439,11 +472,14 @@ class LlamaForCausalLM(nn.Module):
     """Devices the sequence is split over (context parallelism, set from outside): the chunked
     loss then gives every chunk positions of each device's block (models/chunked_loss.py)."""
 
+    model_class: ClassVar[type[nn.Module]] = LlamaModel
+    config_class: ClassVar[type[LlamaConfig]] = LlamaConfig
+
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         cfg.validate()
         self.config = cfg
-        self.model = LlamaModel(cfg)
+        self.model = self.model_class(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
 
@@ -507,9 +543,13 @@ class LlamaForCausalLM(nn.Module):
         if position_ids is None:
             T = input_ids.shape[1]
             position_ids = torch.arange(T, device=input_ids.device).expand_as(input_ids)
-        hidden = self.model(
-            input_ids, position_ids, segment_ids, token_index, attention_bias
-        )  # [B, T, E]
+        decoded = self.model(input_ids, position_ids, segment_ids, token_index, attention_bias)
+        return self.output(decoded, labels, targets)
+
+    def output(
+        self, hidden: torch.Tensor, labels: torch.Tensor | None, targets: torch.Tensor | None
+    ) -> CausalLMOutput:
+        """The LM head and the loss on the decoder's output `hidden` [B, T, E]."""
         chunk = self.config.loss_chunk_size
         if targets is not None:
             if chunk is not None:

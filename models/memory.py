@@ -1,4 +1,5 @@
-"""An estimate of the Llama's activation memory per device, for the plan's verdict.
+"""An estimate of the Llama's (and Mixtral's) activation memory per device, for the plan's
+verdict.
 
 Counted per token and layer: the tensors autograd keeps for the backward pass (the inputs of
 every norm, projection and nonlinearity, RoPE's outputs, the attention output, and with
@@ -6,6 +7,12 @@ attention written out, its probabilities [heads × sequence]); with remat only e
 input is kept, plus one layer's worth while it is recomputed; offloaded activations are kept
 on the host instead. Then the logits, in the model's dtype and as float32 for the loss: of the
 whole sequence, or of one chunk of model.loss_chunk_size positions (models/chunked_loss.py).
+A mixture-of-experts block keeps its expert buffers instead of the MLP's activations: per
+token, top-k x capacity_factor slots of the hidden width (the dispatched tokens and the
+experts' outputs) and of four times the expert width (the SwiGLU inside each expert), so
+the capacity factor scales them (dropless routing on XLA: every expert, E slots a token).
+Its routing also gathers the whole micro-batch's tokens and their k outputs on every device
+while the layer runs (`routing_gather_elements`), counted in the working set.
 
 With the sequence split over `context` (context parallelism, torchprime/context.py) a device
 holds T / N tokens of each of its rows, so every per-token term falls N-fold; what does not is
@@ -25,7 +32,7 @@ from dataclasses import dataclass
 
 from models.llama import LlamaConfig
 from torchprime.attention import TPU_KERNELS
-from torchprime.mesh import Mesh
+from torchprime.mesh import BATCH_AXES, Mesh
 from torchprime.rewriting import RematConfig
 
 #: Bytes of the float32 copy of the logits the loss takes.
@@ -69,11 +76,49 @@ def per_token_layer_elements(cfg: LlamaConfig, tensor: int, seq_len: int) -> dic
         "attention_output": q,  # o_proj's input
         "mlp_input": h,  # the post-attention norm's input
         "mlp_norm": h,
-        "mlp": 4 * mlp,  # gate, up, silu(gate), their product (down_proj's input)
     }
+    experts = getattr(cfg, "num_local_experts", None)
+    if experts is None:
+        counts["mlp"] = 4 * mlp  # gate, up, silu(gate), their product (down_proj's input)
+    else:
+        counts.update(moe_per_token_elements(cfg, tensor))
     if cfg.attention_kernel not in TPU_KERNELS:
         counts["attention_probs"] = cfg.num_attention_heads / tensor * seq_len
     return counts
+
+
+def expert_slots_per_token(cfg: LlamaConfig) -> float:
+    """Expert-buffer slots per token of a mixture-of-experts layer: top-k x the capacity
+    factor with capacity routing; every expert with dropless routing on XLA, which runs
+    every expert on every token to keep shapes static (models/moe.py)."""
+    if str(getattr(cfg.moe_implementation, "value", cfg.moe_implementation)) == "capacity":
+        return cfg.num_experts_per_tok * cfg.capacity_factor
+    return cfg.num_local_experts
+
+
+def routing_gather_elements(cfg: LlamaConfig, device_tokens: float, mesh: Mesh) -> float:
+    """What a mixture-of-experts layer gathers on every device while it runs: the routing
+    fills the experts' slots over the whole micro-batch (models/moe.py), so each device
+    receives its tokens [tokens, hidden] and their k expert outputs [k x tokens, hidden]."""
+    if getattr(cfg, "num_local_experts", None) is None:
+        return 0.0
+    batch_tokens = device_tokens * mesh.size(BATCH_AXES)
+    return batch_tokens * (1 + cfg.num_experts_per_tok) * cfg.hidden_size
+
+
+def moe_per_token_elements(cfg: LlamaConfig, tensor: int) -> dict[str, float]:
+    """What a mixture-of-experts block keeps per token for the backward pass: the router's
+    logits and probabilities, the dispatched tokens and the experts' outputs ([experts,
+    capacity, hidden] buffers: slots x hidden per token), each slot's gate, up, silu(gate)
+    and product, and the k outputs picked back per token."""
+    h, slots = cfg.hidden_size, expert_slots_per_token(cfg)
+    return {
+        "router": 2 * cfg.num_local_experts,
+        "dispatched": slots * h,
+        "experts": slots * 4 * cfg.intermediate_size / tensor,
+        "expert_output": slots * h,
+        "combined": cfg.num_experts_per_tok * h,
+    }
 
 
 def estimate_activations(
@@ -119,6 +164,7 @@ def estimate_activations(
         working = layer + layer_mask
     else:
         host, device_kept, working = 0, layer * layers, layer_mask
+    working += routing_gather_elements(cfg, rows_per_device * seq_len, mesh) * dtype_bytes
     vocab = cfg.vocab_size / tensor  # the LM head's output split over tensor, as in fsdp_tp
     logit_tokens = tokens
     if cfg.loss_chunk_size is not None:  # one chunk of positions of every row at a time

@@ -31,7 +31,8 @@ from torchprime.chips import CHIPS, Chip, chip_of
 from torchprime.context import context_problems, context_size, splits_sequence
 from torchprime.dtensor_layout import check_dtensor_specs
 from torchprime.errors import ConfigError, Problems
-from torchprime.mesh import AXES, Mesh, data_parallel_index, resolve_mesh
+from torchprime.experts import expert_problems
+from torchprime.mesh import AXES, Mesh, data_parallel_index, describe_batch_axes, resolve_mesh
 from torchprime.plan import (
     FitVerdict,
     ShardingPlan,
@@ -40,11 +41,12 @@ from torchprime.plan import (
     format_plan,
     make_plan,
 )
-from torchprime.rewriting import check_remat
+from torchprime.rewriting import check_remat, listed_name
 from torchprime.sharding import (
     BATCH_SPEC,
     ActivationSpec,
     PartitionSpec,
+    dispatch_spec,
     micro_batch_rows,
     plan_activation_specs,
     plan_parameter_specs,
@@ -129,6 +131,8 @@ class Preflight:
     specs: dict[str, PartitionSpec] | None = None
     activation_specs: list[ActivationSpec] | None = None
     qkv_spec: PartitionSpec | None = None
+    dispatch_spec: PartitionSpec | None = None
+    """Of a mixture-of-experts model's expert buffers (torchprime/experts.py)."""
     batches: TextBatches | None = None
     """This host's data pipeline, opened (its sources read up to their first document)."""
     eval_batches: list[dict[str, Any]] | None = None
@@ -320,7 +324,8 @@ def check_hosts_hold_data_blocks(mesh: Mesh, devices: Devices) -> None:
     ways = mesh.size(BATCH_SPEC[0])
     if ways % devices.hosts:
         raise ConfigError(
-            f"the mesh's {ways} data-parallel devices (data x fsdp) do not split over the "
+            f"the mesh's {ways} data-parallel devices ({describe_batch_axes(mesh)}) do not split "
+            "over the "
             f"{devices.hosts} hosts: each host reads its own part of the batch."
         )
     per_host = ways // devices.hosts
@@ -367,6 +372,7 @@ def _check_model(pre: Preflight) -> None:
         problems.attempt(check_chunked_head, m.loss_chunk_size, pre.specs, pre.mesh)
     pre.activation_specs = problems.attempt(plan_activation_specs, model, m.sharding)
     _check_context(pre)
+    _check_experts(pre)
     before = len(problems)
     problems.attempt(check_remat, model, m.remat)
     remat_ok = len(problems) == before
@@ -442,6 +448,16 @@ def _check_context(pre: Preflight) -> None:
     )
 
 
+def _check_experts(pre: Preflight) -> None:
+    """Expert parallelism (the experts split over `expert`) as configured can run."""
+    m = pre.cfg.model
+    pre.dispatch_spec = pre.problems.attempt(dispatch_spec, m.sharding)
+    if pre.mesh is None:
+        pre.skip("expert parallelism", "a valid mesh")
+        return
+    pre.problems += expert_problems(pre.mesh, m, pre.dispatch_spec)
+
+
 def _open_data(pre: Preflight) -> None:
     """This host's data pipeline: a missing path, an unreadable file, a missing text field or
     an empty part fails here, in seconds, before the weights are built."""
@@ -495,7 +511,8 @@ def _open_eval_data(pre: Preflight) -> None:
         if cfg.eval.batch_size is None:
             key += f" (a training micro-batch, {rows} rows)"
         pre.problems.append(
-            f"{key} does not split over the {ways} data-parallel devices (data x fsdp) of mesh "
+            f"{key} does not split over the {ways} data-parallel devices "
+            f"({describe_batch_axes(pre.mesh)}) of mesh "
             f"{pre.mesh.describe()}"
             + (f" and {hosts} hosts" if hosts > 1 else "")
             + f": it must be a multiple of {ways if rows % ways else hosts}."
@@ -516,7 +533,8 @@ def _plan(pre: Preflight) -> None:
     t = cfg.trainer
     if t.global_batch_size >= 1 and t.grad_accum_steps >= 1:
         rows = t.global_batch_size / t.grad_accum_steps / pre.mesh.size(BATCH_SPEC[0])
-        layer = type(pre.model.decoder_layers[0]).__name__
+        remat = cfg.model.remat.activation_checkpoint_layers
+        layer = listed_name(pre.model.decoder_layers[0], remat)  # the name remat knows it by
         pre.activations = estimate_activations(
             cfg.model,
             cfg.model.remat,
@@ -539,7 +557,7 @@ def _plan(pre: Preflight) -> None:
 def step_shape(cfg: TrainConfig, model: nn.Module) -> StepShape:
     """What the step model needs of `cfg` and its (meta) model."""
     m, block = cfg.model, cfg.data.block_size
-    layer = type(model.decoder_layers[0]).__name__
+    layer = listed_name(model.decoder_layers[0], m.remat.activation_checkpoint_layers)
     return StepShape(
         model_flops_per_token=model_flops_per_token(model, block),
         tokens_per_step=cfg.trainer.global_batch_size * block,
@@ -552,6 +570,7 @@ def step_shape(cfg: TrainConfig, model: nn.Module) -> StepShape:
         activation_bytes=cfg.resolved_precision.compute.itemsize,
         rematerialized=layer in m.remat.activation_checkpoint_layers
         or bool(m.remat.scan_layers and m.remat.offload_tensors),
+        experts_per_token=getattr(m, "num_experts_per_tok", 0),
     )
 
 

@@ -28,6 +28,7 @@ from run.preflight import Devices, Preflight, preflight
 from torchprime.attention import TPU_KERNELS, KernelPlacement, place_kernels
 from torchprime.backend.base import Backend
 from torchprime.context import SequenceLayout, context_size, place_sequence_layout
+from torchprime.experts import ExpertLayout, place_expert_layout
 from torchprime.materialize import materialize
 from torchprime.precision import autocast_forward
 from torchprime.rewriting import apply_rewriting
@@ -162,6 +163,8 @@ def place_model(pre: Preflight, backend: Backend) -> nn.Module:
     log.info("precision: %s", precision.describe())
     if backend.is_xla:
         shard_activations(model, pre.activation_specs, mesh, backend)
+        if pre.dispatch_spec is not None:
+            place_expert_layout(model, ExpertLayout(backend, mesh, pre.dispatch_spec))
         if left := replicated(pre.specs):
             log.info(
                 "sharding: %d parameters replicated (no pattern): %s", len(left), ", ".join(left)

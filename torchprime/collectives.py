@@ -8,14 +8,17 @@ each device then cuts to its own part (by `partition-id`); the audit reads that 
 reduce-scatter a TPU compiles it to.
 
 Flags:
-- a weight gathered over an axis that is not data-parallel (`tensor`, `expert`, `context`): its
-  spec splits it for compute, and the partitioner gathers it whole because its neighbours'
-  specs disagree;
+- a weight gathered over an axis that is not data-parallel (`tensor`, `context`, and `expert`
+  for an expert's weights, which expert parallelism keeps where they are stored): its spec
+  splits it for compute, and the partitioner gathers it whole because its neighbours' specs
+  disagree;
 - a weight matrix's gradient all-reduced whole over an axis the weight is split on, where FSDP
   reduce-scatters it (vectors are left out: a [hidden] all-reduce is as likely a norm's
   statistic, and costs nothing);
 - an activation gathered on its batch or sequence dimension (keys and values over `context`
-  excepted: context parallelism gathers them on purpose);
+  excepted: context parallelism gathers them on purpose; a mixture-of-experts layer's expert
+  buffers [experts, slots, hidden] are named as such and not flagged: the partitioner may
+  gather their slots rather than the experts' weights, whichever is smaller);
 - attention's [batch, heads, ...] tensors gathered on the heads over `tensor`: every
   tensor-parallel device then computes attention for all heads;
 - every "involuntary full rematerialization" the partitioner logged.
@@ -33,6 +36,9 @@ from torchprime.plan import ParameterPlan, ShardingPlan, shard_shape
 
 KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 DATA_AXES = ("data", "fsdp")
+#: `expert` splits the batch too (torchprime/mesh.py BATCH_AXES): a weight other than an
+#: expert's may be split over it like over fsdp, and gathered where it is used.
+EXPERT_PARALLEL = "expert"
 
 _INSTRUCTION = re.compile(
     r"^\s*(?:ROOT\s+)?%(?P<name>[\w.\-]+) = (?P<type>\([^)]*\)|\w+\[[\d,]*\])\S*\s+"
@@ -253,6 +259,16 @@ def _weights(c: Collective, plan: ShardingPlan) -> list[ParameterPlan]:
     ]
 
 
+def _expert_buffer(c: Collective, plan: ShardingPlan) -> bool:
+    """Whether `c` moves a mixture-of-experts layer's expert buffer [experts, slots, hidden]
+    (all of a layer's experts or a device's share of them)."""
+    down = [p for p in plan.parameters if p.name.endswith(".experts.down_proj")]
+    if not down or len(c.shape) != 3:
+        return False
+    p = down[0]  # [experts, hidden, width]
+    return c.shape[0] in (p.shape[0], p.shard_shape[0]) and c.shape[2] == p.shape[1]
+
+
 def audit(
     collectives: list[Collective], plan: ShardingPlan, layers: int, module: str, log_text: str = ""
 ) -> Audit:
@@ -266,6 +282,10 @@ def audit(
             names = sorted({_pattern(p.name) for p in weights})
             what = " or ".join(names)
             result.flags += _weight_flags(c, weights, names)
+        elif _expert_buffer(c, plan):
+            # How the experts' matmuls are split is the partitioner's choice: with their
+            # weights split over fsdp it may gather a buffer's slots instead of the weights.
+            what = f"expert buffer {c.dtype}{list(c.shape)}"
         else:
             what = f"activation {c.dtype}{list(c.shape)}"
             result.flags += _activation_flags(c)
@@ -318,7 +338,9 @@ def _weight_flags(c: Collective, weights: list[ParameterPlan], names: list[str])
             "its shards are not the ones that use them, so its spec disagrees with the "
             "activations it meets"
         ]
-    if c.kind == "all-gather" and any(a not in DATA_AXES for a in c.axes):
+    experts = any(".experts." in f".{p.name}" for p in weights)
+    data_axes = DATA_AXES if experts else (*DATA_AXES, EXPERT_PARALLEL)
+    if c.kind == "all-gather" and any(a not in data_axes for a in c.axes):
         return [
             f"{which} {spec} is all-gathered over {'+'.join(c.axes)}{where}: it is split there "
             "for compute, so the partitioner un-splits it whole; its spec disagrees with the "

@@ -15,6 +15,12 @@ from torchprime.errors import ConfigError, Problems
 #: devices are nearest each other: tensor and context parallelism want the fastest links).
 AXES = ("data", "fsdp", "expert", "tensor", "context")
 
+#: The axes the batch is split over, outermost first. `expert` is one of them: outside the
+#: mixture-of-experts layers an expert-parallel device works on rows of its own like any
+#: data-parallel one, and inside them its rows' tokens travel to the devices holding their
+#: experts (torchprime/experts.py). A 1-device axis changes nothing.
+BATCH_AXES = ("data", "fsdp", "expert")
+
 #: One entry of a partition spec: a mesh axis, several axes, or None (not sharded).
 SpecEntry = str | tuple[str, ...] | None
 PartitionSpec = tuple[SpecEntry, ...]
@@ -37,7 +43,8 @@ class MeshAxesConfig:
     fsdp: int = 1
     """Fully sharded data parallelism: parameters and the batch split (ZeRO-3)."""
     expert: int = 1
-    """Expert parallelism, for mixture-of-experts layers."""
+    """Expert parallelism, for mixture-of-experts models: their experts split over it, the
+    batch too (each device's tokens go to the devices of their experts and come back)."""
     tensor: int = 1
     """Tensor (model) parallelism: weight matrices split along their hidden dimensions."""
     context: int = 1
@@ -186,7 +193,15 @@ def coordinates(mesh: Mesh, device: int) -> dict[str, int]:
 
 
 def data_parallel_index(mesh: Mesh, device: int) -> int:
-    """The share of the batch device `device` computes on: its coordinate along (data, fsdp),
-    data outermost (the batch spec's order)."""
+    """The share of the batch device `device` computes on: its coordinate along the batch
+    axes (data, fsdp, expert), data outermost (the batch spec's order)."""
     c = coordinates(mesh, device)
-    return c["data"] * mesh.shape["fsdp"] + c["fsdp"]
+    index = 0
+    for axis in BATCH_AXES:
+        index = index * mesh.shape[axis] + c[axis]
+    return index
+
+
+def describe_batch_axes(mesh: Mesh) -> str:
+    """The batch axes as error messages name them: "data x fsdp", with expert when used."""
+    return " x ".join(a for a in BATCH_AXES if a != "expert" or mesh.shape[a] > 1)

@@ -148,6 +148,25 @@ def _show_spec(spec: PartitionSpec) -> str:
     return "[" + ", ".join(parts) + "]"
 
 
+def expert_parameters(plan: ShardingPlan) -> list[ParameterPlan]:
+    """The stacked expert weights of a mixture-of-experts model ([experts, ...] tensors of
+    an `experts` module)."""
+    return [p for p in plan.parameters if ".experts." in f".{p.name}"]
+
+
+def _expert_lines(plan: ShardingPlan) -> list[str]:
+    """Of the parameters, the experts' weights, and how many experts a device holds."""
+    experts = expert_parameters(plan)
+    if not experts:
+        return []
+    total, held = experts[0].shape[0], experts[0].shard_shape[0]
+    nbytes = sum(p.shard_bytes for p in experts)
+    return [
+        f"      of which experts {format_bytes(nbytes):>10}  (parts of {held} of the {total} "
+        "experts of each layer)"
+    ]
+
+
 def format_plan(plan: ShardingPlan, max_rows: int = 40) -> str:
     """A table of parameters (the largest first, `max_rows` of them) and the per-device totals."""
     rows = sorted(plan.parameters, key=lambda p: -p.shard_bytes)
@@ -167,6 +186,7 @@ def format_plan(plan: ShardingPlan, max_rows: int = 40) -> str:
     lines += [
         "  per device:",
         f"    parameters       {format_bytes(plan.parameter_bytes):>12}",
+        *_expert_lines(plan),
         f"    gradients        {format_bytes(plan.gradient_bytes):>12}",
         f"    optimizer state  {format_bytes(plan.optimizer_bytes):>12}",
         f"    total            {format_bytes(plan.total_bytes):>12}  (activations not counted)",

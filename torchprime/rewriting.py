@@ -17,7 +17,8 @@ Applied from outside the model, by module paths and class names, in this fixed o
      pass through optimization barriers, so XLA cannot fuse across them and undo the remat
      (not inside a scan, whose loop body is kept apart already);
   6. on XLA, the model's `loss_barrier` (a chunked loss, model.loss_chunk_size) is the
-     backend's optimization barrier, which keeps its recomputed chunks apart.
+     backend's optimization barrier, which keeps its recomputed chunks apart, and modules
+     with a `static_shapes` flag (a mixture of experts' routing) are told to use it.
 On XLA, only a whole scanned layer can be checkpointed inside a scan, not a part of it.
 Each name must match something in the model; the error lists the closest real names.
 """
@@ -35,7 +36,13 @@ from torchprime import offload
 from torchprime.backend.base import Backend
 from torchprime.errors import ConfigError, closest
 from torchprime.mesh import Mesh, PartitionSpec
-from torchprime.stacking import CarryLayer, carried, check_identical_layers, stack_layers
+from torchprime.stacking import (
+    CarryLayer,
+    check_identical_layers,
+    scan_carry,
+    scan_result,
+    stack_layers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +54,11 @@ class RematConfig:
     scan_layers: str | None = None
     """Path of a homogeneous layer stack to run as a scan (e.g. model.layers); null: unrolled."""
     activation_checkpoint_layers: list[str] = field(default_factory=list)
-    """Module class names whose activations are recomputed in backward (e.g. LlamaDecoderLayer)."""
+    """Module class names whose activations are recomputed in backward (e.g. LlamaDecoderLayer;
+    a subclass answers to its base's name: MixtralDecoderLayer to LlamaDecoderLayer)."""
     optimization_barrier_layers: list[str] = field(default_factory=list)
-    """Module class names wrapped in optimization barriers (forward inputs, backward grads)."""
+    """Module class names wrapped in optimization barriers (forward inputs, backward grads),
+    matched as activation_checkpoint_layers are."""
     pure_layers: bool = True
     """The scanned layer has no side effects, so its traced graph is reused (faster tracing)."""
     patch_linear: bool = True
@@ -68,9 +77,21 @@ class RematConfig:
     checkpoints and HF export (torchprime/stacking.py). XLA and one-device eager only."""
 
 
+def class_names(module: nn.Module) -> set[str]:
+    """The names a module answers to in `activation_checkpoint_layers` and
+    `optimization_barrier_layers`: its class's and its base classes' (a MixtralDecoderLayer
+    is a LlamaDecoderLayer with experts, so the remat presets serve both families)."""
+    return {c.__name__ for c in type(module).__mro__ if issubclass(c, nn.Module)} - {"Module"}
+
+
+def listed_name(module: nn.Module, names: list[str]) -> str:
+    """The name in `names` that `module` answers to, else its own class name."""
+    return next((n for n in names if n in class_names(module)), type(module).__name__)
+
+
 def check_remat(model: nn.Module, cfg: RematConfig, key: str = "model.remat") -> None:
     """Every path and class name in `cfg` names something in `model`."""
-    classes = sorted({type(m).__name__ for m in model.modules()})
+    classes = sorted(set().union(*(class_names(m) for m in model.modules())))
     for list_key in ("activation_checkpoint_layers", "optimization_barrier_layers"):
         for name in getattr(cfg, list_key):
             if name not in classes:
@@ -145,7 +166,8 @@ def apply_rewriting(
     check_remat(model, cfg)
     inside = _inside_scan(model, cfg)
     if backend.is_xla:
-        nested = sorted({type(m).__name__ for m in inside} & set(cfg.activation_checkpoint_layers))
+        inside_names = set().union(set(), *(class_names(m) for m in inside))
+        nested = sorted(inside_names & set(cfg.activation_checkpoint_layers))
         if nested:
             # torch_xla's checkpoint is reentrant, and scan computes gradients with
             # autograd.grad, which reentrant checkpointing refuses.
@@ -157,26 +179,26 @@ def apply_rewriting(
         backend.patch_linear(model)
         if hasattr(model, "tie_weights"):
             model.tie_weights()  # the patch makes new Linear modules, untying a tied head
-    scanned_class = None
+    scanned: set[int] = set()
+    remat = False
     if cfg.scan_layers is not None:
-        scanned_class = type(next(iter(_stack(model, cfg.scan_layers, "model.remat")))).__name__
+        stack = _stack(model, cfg.scan_layers, "model.remat")
+        scanned = {id(layer) for layer in stack}
+        remat = bool(class_names(next(iter(stack))) & set(cfg.activation_checkpoint_layers))
+    checkpointed = set(cfg.activation_checkpoint_layers)
     for module in list(model.modules()):
-        name = type(module).__name__
-        if name in cfg.activation_checkpoint_layers and name != scanned_class:
+        if class_names(module) & checkpointed and id(module) not in scanned:
             _checkpoint_forward(module, backend)
     offloaded = _offloaded(cfg, backend)
     offload.activate(model, offloaded)
-    scanned = {id(m) for m in inside}
     if cfg.scan_layers is not None:
-        stack = _stack(model, cfg.scan_layers, "model.remat")
-        scanned |= {id(layer) for layer in stack}
-        remat = scanned_class in cfg.activation_checkpoint_layers
         if cfg.stack_weights:
             _stack_weights(model, cfg, backend, specs or {}, mesh, remat, offloaded)
         else:
             _scan_forward(stack, backend, remat=remat, pure=cfg.pure_layers, offloaded=offloaded)
+    scanned |= {id(m) for m in inside}
     for module in model.modules():
-        if type(module).__name__ not in cfg.optimization_barrier_layers:
+        if not class_names(module) & set(cfg.optimization_barrier_layers):
             continue
         if backend.is_xla and id(module) in scanned:
             # A scan's loop body is compiled apart from its neighbours already, and barriers
@@ -186,6 +208,12 @@ def apply_rewriting(
         _barrier_forward(module, backend)
     if backend.is_xla and hasattr(model, "loss_barrier"):
         model.loss_barrier = backend.optimization_barrier_
+    if backend.is_xla:
+        # XLA compiles a graph per shape: a block that can route with data-dependent shapes
+        # (a mixture of experts' dropless routing) takes its static form (models/moe.py).
+        for module in model.modules():
+            if hasattr(module, "static_shapes"):
+                module.static_shapes = True
 
 
 def _offloaded(cfg: RematConfig, backend: Backend) -> frozenset[str]:
@@ -270,15 +298,13 @@ def _scan_forward(
 ) -> None:
     # Wrappers are kept per pattern of absent inputs and dtypes, so that a pure scan finds its
     # traced layer again on the next step instead of tracing a new one.
-    wrappers: dict[tuple[torch.dtype | None, ...], list[CarryLayer]] = {}
+    wrappers: dict[tuple, list[CarryLayer]] = {}
 
-    def scanned(self: nn.ModuleList, base_forward, x: torch.Tensor, *shared: Any) -> torch.Tensor:
-        dtypes = tuple(None if s is None else s.dtype for s in shared)
-        if dtypes not in wrappers:
-            wrappers[dtypes] = [CarryLayer(layer, dtypes) for layer in self]
-        carry = (x, *(carried(s) for s in shared if s is not None))
-        return backend.scan_layers(
-            wrappers[dtypes], carry, remat=remat, pure=pure, offloaded=offloaded
-        )[0]
+    def scanned(self: nn.ModuleList, base_forward, x: Any, *shared: Any) -> Any:
+        key, state_size, carry = scan_carry(x, shared)
+        if key not in wrappers:
+            wrappers[key] = [CarryLayer(layer, key[1], state_size) for layer in self]
+        out = backend.scan_layers(wrappers[key], carry, remat=remat, pure=pure, offloaded=offloaded)
+        return scan_result(out, state_size)
 
     _swap_forward(stack, scanned)

@@ -25,11 +25,12 @@ from torch import nn
 
 from torchprime.backend.base import Backend
 from torchprime.errors import ConfigError, Problems, closest
-from torchprime.mesh import AXES, Mesh, PartitionSpec
+from torchprime.mesh import AXES, BATCH_AXES, Mesh, PartitionSpec, describe_batch_axes
 
-#: The input batch [batch, sequence]: rows split over every data-parallel axis, the sequence
-#: over `context` (context parallelism, torchprime/context.py; one device by default).
-BATCH_SPEC: PartitionSpec = (("data", "fsdp"), "context")
+#: The input batch [batch, sequence]: rows split over every data-parallel axis (expert
+#: parallelism's included, torchprime/mesh.py BATCH_AXES), the sequence over `context`
+#: (context parallelism, torchprime/context.py; one device by default).
+BATCH_SPEC: PartitionSpec = (BATCH_AXES, "context")
 
 
 @dataclass
@@ -44,6 +45,10 @@ class ShardingConfig:
     qkv: list[Any] = field(default_factory=lambda: [["data", "fsdp"], "tensor", None, None])
     """Spec of the [batch, heads, sequence, head_dim] queries, keys and values a Pallas
     attention kernel (flash, splash) runs on, each device on its own shard."""
+    dispatch: list[Any] | None = None
+    """Spec of a mixture-of-experts layer's expert buffers (the dispatched tokens and the
+    experts' outputs, [experts, rows, capacity, hidden]), annotated through the model's
+    `constrain_dispatch` seam (torchprime/experts.py); null: not annotated."""
 
 
 def pattern_regex(pattern: str) -> re.Pattern[str]:
@@ -254,14 +259,22 @@ def micro_batch_rows(global_batch_size: int, grad_accum_steps: int, mesh: Mesh, 
     ways = mesh.size(BATCH_SPEC[0])
     parts = grad_accum_steps * ways
     if global_batch_size % parts or global_batch_size % (grad_accum_steps * hosts):
+        multiple = parts if global_batch_size % parts else grad_accum_steps * hosts
         hosts_text = f" and {hosts} hosts" if hosts > 1 else ""
         raise ConfigError(
             f"trainer.global_batch_size={global_batch_size} does not split into "
             f"trainer.grad_accum_steps={grad_accum_steps} micro-batches over the {ways} "
-            f"data-parallel devices (data x fsdp) of mesh {mesh.describe()}{hosts_text}: it must "
-            f"be a multiple of {parts if global_batch_size % parts else grad_accum_steps * hosts}."
+            f"data-parallel devices ({describe_batch_axes(mesh)}) of mesh {mesh.describe()}"
+            f"{hosts_text}: it must be a multiple of {multiple}."
         )
     return global_batch_size // hosts // grad_accum_steps
+
+
+def dispatch_spec(
+    cfg: ShardingConfig, key: str = "model.sharding.dispatch"
+) -> PartitionSpec | None:
+    """The expert buffers' spec, its axes checked (None: not annotated)."""
+    return None if cfg.dispatch is None else parse_spec(cfg.dispatch, key)
 
 
 def qkv_spec(cfg: ShardingConfig, key: str = "model.sharding.qkv") -> PartitionSpec:

@@ -39,26 +39,57 @@ StackedScan = Callable[[nn.Module, tuple, dict[str, torch.Tensor]], tuple]
 class CarryLayer(nn.Module):
     """One layer as a scan step: carry (x, *shared) → (layer(x, *shared), *shared).
 
-    Inputs that are None (no attention bias, say) are left out of the carry, which holds
-    tensors only, and put back in their places for the layer. Integer inputs (segment ids,
-    token places) travel as float32, which holds them exactly below 2**24: torch_xla's scan
-    makes every carried tensor require gradients, which integer tensors cannot.
+    x is one tensor, or (`state_size` not None) a tuple of that many tensors the layer
+    updates, laid flat at the head of the carry (a mixture of experts' hidden states and
+    router statistics). Inputs that are None (no attention bias, say) are left out of the
+    carry, which holds tensors only, and put back in their places for the layer. Integer
+    inputs (segment ids, token places) travel as float32, which holds them exactly below
+    2**24: torch_xla's scan makes every carried tensor require gradients, which integer
+    tensors cannot.
     """
 
-    def __init__(self, layer: nn.Module, dtypes: tuple[torch.dtype | None, ...]):
+    def __init__(
+        self,
+        layer: nn.Module,
+        dtypes: tuple[torch.dtype | None, ...],
+        state_size: int | None = None,
+    ):
         super().__init__()
         self.layer = layer
         self.dtypes = dtypes
+        self.state_size = state_size
 
-    def forward(self, x: torch.Tensor, *shared: torch.Tensor):
+    def forward(self, *carry: torch.Tensor):
+        n = self.state_size or 1
+        state, shared = carry[:n], carry[n:]
         it = iter(shared)
         full = [None if dtype is None else next(it).to(dtype) for dtype in self.dtypes]
-        return (self.layer(x, *full), *shared)
+        if self.state_size is None:
+            return (self.layer(state[0], *full), *shared)
+        return (*self.layer(tuple(state), *full), *shared)
 
 
 def carried(t: torch.Tensor) -> torch.Tensor:
     """A shared input as the scan carries it (see CarryLayer)."""
     return t if t.is_floating_point() else t.float()
+
+
+def scan_carry(x: Any, shared: tuple) -> tuple[tuple, int | None, tuple]:
+    """For a stack called as (x, *shared): the key of its CarryLayer ((state size, dtypes of
+    the shared inputs)), the state size, and the carry the scan starts from."""
+    dtypes = tuple(None if s is None else s.dtype for s in shared)
+    state_size = len(x) if isinstance(x, tuple) else None
+    state = x if isinstance(x, tuple) else (x,)
+    return (
+        (state_size, dtypes),
+        state_size,
+        (*state, *(carried(s) for s in shared if s is not None)),
+    )
+
+
+def scan_result(out: tuple, state_size: int | None) -> Any:
+    """What the stack returns from the scan's last carry: x's new value."""
+    return out[0] if state_size is None else tuple(out[:state_size])
 
 
 class StackedLayers(nn.Module):
@@ -86,16 +117,15 @@ class StackedLayers(nn.Module):
         """Lays a tensor out on the mesh (a no-op off XLA)."""
         # One step module per pattern of absent inputs and dtypes, so that a pure scan finds
         # its traced step again on the next training step instead of tracing a new one.
-        self._steps: dict[tuple[torch.dtype | None, ...], CarryLayer] = {}
+        self._steps: dict[tuple, CarryLayer] = {}
 
-    def forward(self, x: torch.Tensor, *shared: torch.Tensor | None) -> torch.Tensor:
-        dtypes = tuple(None if s is None else s.dtype for s in shared)
-        step = self._steps.get(dtypes)
+    def forward(self, x: Any, *shared: torch.Tensor | None) -> Any:
+        key, state_size, carry = scan_carry(x, shared)
+        step = self._steps.get(key)
         if step is None:
-            step = self._steps[dtypes] = CarryLayer(self.layer, dtypes)
-        carry = (x, *(carried(s) for s in shared if s is not None))
+            step = self._steps[key] = CarryLayer(self.layer, key[1], state_size)
         weights = {f"layer.{name}": p for name, p in self.layer.named_parameters()}
-        return self.scan(step, carry, weights)[0]
+        return scan_result(self.scan(step, carry, weights), state_size)
 
     def unstack(self, name: str, tensor: torch.Tensor, copy: bool) -> list[torch.Tensor]:
         """The per-layer slices of `tensor` (the stack of template parameter `name`, or a

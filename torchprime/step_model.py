@@ -14,7 +14,11 @@ Per device and per step it counts
   layer's [tokens, hidden] activations (2 in the forward, 2 in the backward, 2 more when
   rematerialized); context parallelism's all-gathers of keys and values (and reduce-scatters
   of their gradients), or with the Pallas kernels, which split heads over `context` instead,
-  the all-to-alls that swap q, k, v to heads and the output back.
+  the all-to-alls that swap q, k, v to heads and the output back; a mixture-of-experts
+  layer's routing (models/moe.py), which fills each expert's slots in token order over the
+  whole micro-batch: every data-parallel device (data, fsdp, expert) gathers the micro-batch's
+  tokens [tokens, hidden] and the k expert outputs of each [k x tokens, hidden] in each
+  forward pass, and reduce-scatters their gradients (measured in the partitioned step).
 Ring collectives: an all-gather or reduce-scatter over n devices moves (n-1)/n of the full
 tensor into each device, an all-reduce twice that; an axis spanning slices runs its ring inside
 each slice over ICI first, then across slices over DCN on 1/ici of the bytes.
@@ -32,10 +36,11 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from torchprime.chips import Chip
-from torchprime.mesh import AXES, Mesh, axes_of
+from torchprime.mesh import AXES, BATCH_AXES, Mesh, axes_of
 from torchprime.plan import ShardingPlan, format_bytes
 
-#: Mesh axes that split the batch: weights split over them are gathered before use (FSDP).
+#: Mesh axes whose weight shards are gathered before use (FSDP). `expert` splits the batch
+#: too (BATCH_AXES), but a weight split over it is an expert's, used where it is stored.
 DATA_AXES = ("data", "fsdp")
 
 
@@ -60,6 +65,8 @@ class StepShape:
     """Bytes of one activation element (the compute dtype)."""
     rematerialized: bool
     """The decoder layers' forward runs again in the backward pass."""
+    experts_per_token: int = 0
+    """Mixture of experts: the k experts each token is routed to; 0 for a dense model."""
 
 
 @dataclass(frozen=True)
@@ -172,7 +179,7 @@ def predict_step(plan: ShardingPlan, shape: StepShape, chip: Chip) -> StepModel:
         full = p.shard_bytes * math.prod(mesh.shape[a] for a in split)
         if split:
             _tally(gathered, split, full)
-        over = tuple(a for a in DATA_AXES if a not in used and mesh.shape[a] > 1)
+        over = tuple(a for a in BATCH_AXES if a not in used and mesh.shape[a] > 1)
         if over:
             _tally(replicated, over, p.shard_bytes)
         model.hbm_bytes += full * weight_passes * micro
@@ -187,7 +194,7 @@ def predict_step(plan: ShardingPlan, shape: StepShape, chip: Chip) -> StepModel:
     # AdamW: read parameters, gradients and both moments, write parameters and moments.
     model.hbm_bytes += 2 * plan.parameter_bytes + plan.gradient_bytes + 2 * plan.optimizer_bytes
 
-    batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    batch_ways = math.prod(mesh.shape[a] for a in BATCH_AXES)
     local_tokens = shape.tokens_per_step / micro / batch_ways / mesh.shape["context"]
     per_layer = shape.layers * micro
     activation = local_tokens * shape.hidden * shape.activation_bytes
@@ -210,6 +217,17 @@ def predict_step(plan: ShardingPlan, shape: StepShape, chip: Chip) -> StepModel:
         _add(model, mesh, "all-gather", ("context",), "keys and values", gathers, gathers * kv)
         what = "key and value gradients"
         _add(model, mesh, "reduce-scatter", ("context",), what, per_layer, per_layer * kv)
+
+    if shape.experts_per_token:
+        # The routing over the whole micro-batch: its tokens and their k expert outputs
+        # gathered on every data-parallel device, their gradients reduce-scattered.
+        routed = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1)
+        batch = local_tokens * batch_ways
+        moved = batch * (1 + shape.experts_per_token) * shape.hidden * shape.activation_bytes
+        what = "MoE routing: the micro-batch's tokens and their k expert outputs"
+        _add(model, mesh, "all-gather", routed, what, 2 * passes * per_layer,
+             passes * per_layer * moved)  # fmt: skip
+        _add(model, mesh, "reduce-scatter", routed, what, 2 * per_layer, per_layer * moved)
 
     model.tokens_per_device = shape.tokens_per_step / n
     model.model_flops = shape.model_flops_per_token * model.tokens_per_device

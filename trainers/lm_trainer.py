@@ -23,7 +23,9 @@ class LMTrainer(BaseTrainer):
         # The loss is a mean over the labelled next tokens (position t predicts t + 1): their
         # count weights this batch when micro-batches are accumulated into one step.
         num_tokens = (labels[:, 1:] != IGNORE_INDEX).sum().clamp(min=1)
-        return out.loss, {"num_tokens": num_tokens}
+        # The model's own scalars (a mixture of experts: aux_loss, dropped_fraction, expert
+        # load) are logged with the step, read in the same step closure as the loss.
+        return out.loss, {"num_tokens": num_tokens, **getattr(out, "metrics", {})}
 
     def export_hf(self, path: Path) -> None:
         from models.hf import save_hf

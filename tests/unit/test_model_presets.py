@@ -35,6 +35,16 @@ def test_fsdp_sharding_covers_every_matrix_of_the_preset_on_256_devices(preset):
     assert replicated(specs) == []
 
 
+def test_mixtral_8x7b_has_the_published_parameter_count():
+    cfg = composed("model=mixtral_8x7b")
+    model = build_model(cfg.model, torch.bfloat16)
+    assert sum(p.numel() for p in model.parameters()) == 46_702_792_704
+    experts = model.model.layers[0].mlp.experts
+    assert tuple(experts.gate_up_proj.shape) == (8, 2 * 14336, 4096)
+    assert tuple(experts.down_proj.shape) == (8, 4096, 14336)
+    assert tuple(model.model.layers[0].mlp.gate.weight.shape) == (8, 4096)
+
+
 def test_a_tied_head_shares_the_embedding_spec():
     cfg = composed("model=llama3_2_1b")
     model = build_model(cfg.model, torch.bfloat16)
