@@ -13,6 +13,7 @@ from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_fun
 
 from conftest import composed, requires_xla
 from models import build_model
+from models.generation import KVCache, forward_cached
 from models.mixtral import MixtralConfig, MixtralForCausalLM
 from models.moe import MixtralSparseMoeBlock, expert_capacity
 from torchprime.backend import select_backend
@@ -21,6 +22,7 @@ from torchprime.materialize import materialize
 from torchprime.mesh import MeshAxesConfig, resolve_mesh
 from torchprime.rewriting import RematConfig, apply_rewriting
 from torchprime.sharding import BATCH_SPEC, plan_parameter_specs
+from trainers.metrics import model_flops_per_token
 
 TINY = dict(intermediate_size=96, num_hidden_layers=2)
 
@@ -239,3 +241,23 @@ def test_xla_both_routings_compile_once_and_scan_keeps_the_numbers():
         assert xla.compile_count() == compiled, name
         if name == "capacity_scan":
             assert " while(" in first[3]  # the layers run as one loop
+
+
+def test_model_flops_count_the_active_experts_only():
+    """The tiny MoE (4 experts of width 256, 2 a token) does the work of a Llama of width 512
+    plus its router: MFU is computed from the experts a token uses, not from all of them."""
+    moe = build_model(composed("model=tiny_moe").model, torch.float32)
+    dense = build_model(composed("model.intermediate_size=512").model, torch.float32)
+    router = 4 * 128 * 4  # layers x hidden x experts
+    assert model_flops_per_token(moe, 256) == model_flops_per_token(dense, 256) + 6 * router
+
+
+def test_cached_decoding_gives_the_full_forward_logits():
+    """tools.generate and eval.samples decode the MoE with the KV cache, token by token."""
+    model, ids = make(), tokens(1, 12)
+    cache = KVCache.empty(model.config.num_hidden_layers)
+    with torch.no_grad():
+        full = model(ids).logits
+        steps = [forward_cached(model, ids[:, :6], cache)]
+        steps += [forward_cached(model, ids[:, t : t + 1], cache) for t in range(6, 12)]
+    assert (torch.cat(steps, dim=1) - full).abs().max() < 1e-5
