@@ -204,3 +204,17 @@ def test_a_version_1_position_of_several_hosts_is_refused_with_what_to_do(corpus
     old = version_1(one.state_dict(), hosts=2)
     with pytest.raises(ConfigError, match=r"by 2 hosts, .* Finish that run with the code"):
         one.load_state_dict(old)
+
+
+def test_a_shard_left_without_documents_names_the_shard_and_the_key(tmp_path):
+    # 2 documents in one file, split by documents over 4 shards: shards 2 and 3 get none
+    (tmp_path / "two.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n')
+    cfg = DataConfig(source="files", path=str(tmp_path / "two.jsonl"), format="json")
+    cfg.logical_shards = 4
+    with pytest.raises(
+        ConfigError,
+        match=r"two.jsonl, logical shard 2 of 4 \(data.logical_shards\) gives no documents .* "
+        r"lower data.logical_shards\)",
+    ):
+        TextBatches(cfg, ByteTokenizer(), 2, 1, 2, SEED)  # host 1 of 2: shards 2 and 3
+    TextBatches(cfg, ByteTokenizer(), 2, 0, 2, SEED)  # host 0 reads shards 0 and 1: fine
