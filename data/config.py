@@ -150,7 +150,7 @@ class DataConfig:
     not JSON, a damaged Parquet file) always stop the run."""
     max_bad_rows: int = 100
     """With on_bad_row=skip: the run stops when one source has skipped more rows than this
-    (over all passes, on this host)."""
+    (over all passes, in one logical shard)."""
 
     def problems(self, key: str = "data") -> Problems:
         from collators import COLLATORS

@@ -115,8 +115,8 @@ class ShardStream:
             start = self._pass_start_rows[i]
             if start is not None and start == self._rows:
                 raise ConfigError(
-                    f"{reader.key}: {describe(reader.spec)} gives {reader.where()} less than "
-                    f"one row of data.block_size={self.cfg.block_size} tokens per pass"
+                    f"{reader.key}: {reader.part()} gives less than one row of "
+                    f"data.block_size={self.cfg.block_size} tokens per pass"
                     + ("; lower data.logical_shards" if reader.shards > 1 else "")
                     + "."
                 )

@@ -258,9 +258,11 @@ class SourceReader:
     def _shard_stream(self) -> datasets.IterableDataset:
         return shard_stream(self.base, self.shard, self.shards)
 
-    def where(self) -> str:
-        """This reader's part, for messages: "logical shard 3 of 8"."""
-        return f"logical shard {self.shard} of {self.shards} (data.logical_shards)"
+    def part(self) -> str:
+        """What this reader reads, for messages: "stdlib, logical shard 3 of 8
+        (data.logical_shards)", or the source alone when one shard reads it whole."""
+        where = f", logical shard {self.shard} of {self.shards} (data.logical_shards)"
+        return describe(self.spec) + (where if self.shards > 1 else "")
 
     def check(self, scan_files: bool = True) -> None:
         """Read the first rows of every file of the source (not only this shard's: a folder
@@ -332,15 +334,16 @@ class SourceReader:
     def _empty(self) -> ConfigError:
         if self.holdout is not None:
             return ConfigError(
-                f"{self.key}: {describe(self.spec)} gives {self.where()} no documents on "
-                f"{self.holdout.describe()} (too few documents for that fraction: raise it, "
-                "lower data.logical_shards, or give eval.data)."
+                f"{self.key}: {self.part()} gives no documents on {self.holdout.describe()} "
+                "(too few documents for that fraction: raise it, "
+                + ("lower data.logical_shards, " if self.shards > 1 else "")
+                + "or give eval.data)."
             )
         return ConfigError(
-            f"{self.key}: {describe(self.spec)} gives {self.where()} no documents (no rows, "
+            f"{self.key}: {self.part()} gives no documents (no rows, "
             f"or only empty text in {self.spec.text_field!r}"
             + (
-                "; fewer documents than shards: lower data.logical_shards"
+                "; with fewer documents than shards some get none: lower data.logical_shards"
                 if self.shards > 1
                 else ""
             )
@@ -368,11 +371,10 @@ class SourceReader:
                     raise self._empty() from None
                 self.epoch += 1
                 log.info(
-                    "data: %s pass %d done (%d documents in %s); starting again",
-                    describe(self.spec),
+                    "data: %s: pass %d done (%d documents); starting again",
+                    self.part(),
                     self.epoch,
                     self.docs,
-                    self.where(),
                 )
                 self.docs = self.rows = self._bad_in_pass = 0
                 self._bad_rows = None

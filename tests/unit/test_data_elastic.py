@@ -110,6 +110,21 @@ def test_a_run_resumed_on_another_host_count_reads_the_uninterrupted_rows(corpus
     assert global_hashes(resumed(cfg, after, saved), STEPS - k) == reference[k:]
 
 
+def test_a_resume_with_a_larger_batch_continues_every_shard_where_it_stopped(corpus):
+    # 4 shards: 2 rows each a batch of 8, then 4 rows each a batch of 16
+    cfg = data_config(corpus, 4)
+    reference = global_hashes(hosts_of(cfg, 1), 8)
+    shard_rows = [[h for batch in reference for h in batch[2 * k : 2 * k + 2]] for k in range(4)]
+    first = hosts_of(cfg, 2)
+    global_hashes(first, 2)
+    saved = checkpoint_records(first, 2)
+    bigger = TextBatches(cfg, ByteTokenizer(), 16, 0, 1, SEED, HOLDOUT)
+    bigger.load_state_dict([r["data"] for r in saved])
+    for i in range(3):
+        expected = [h for k in range(4) for h in shard_rows[k][4 + 4 * i : 8 + 4 * i]]
+        assert row_hashes(next(bigger)) == expected, i
+
+
 def test_a_host_reads_and_tokenizes_only_the_documents_of_its_own_shards(corpus):
     # pad packing: a row is one document, its text tells its file; 24 files over 4 shards,
     # shard s holding files s, s + 4, ...; host 1 of 2 owns shards 2 and 3
@@ -189,3 +204,17 @@ def test_a_version_1_position_of_several_hosts_is_refused_with_what_to_do(corpus
     old = version_1(one.state_dict(), hosts=2)
     with pytest.raises(ConfigError, match=r"by 2 hosts, .* Finish that run with the code"):
         one.load_state_dict(old)
+
+
+def test_a_shard_left_without_documents_names_the_shard_and_the_key(tmp_path):
+    # 2 documents in one file, split by documents over 4 shards: shards 2 and 3 get none
+    (tmp_path / "two.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n')
+    cfg = DataConfig(source="files", path=str(tmp_path / "two.jsonl"), format="json")
+    cfg.logical_shards = 4
+    with pytest.raises(
+        ConfigError,
+        match=r"two.jsonl, logical shard 2 of 4 \(data.logical_shards\) gives no documents .* "
+        r"lower data.logical_shards\)",
+    ):
+        TextBatches(cfg, ByteTokenizer(), 2, 1, 2, SEED)  # host 1 of 2: shards 2 and 3
+    TextBatches(cfg, ByteTokenizer(), 2, 0, 2, SEED)  # host 0 reads shards 0 and 1: fine

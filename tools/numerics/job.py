@@ -129,6 +129,7 @@ def make_batches(side: Side, rows: int, seq_lens: list[int]) -> list[Batch]:
     for seq_len in seq_lens:
         data = copy.deepcopy(cfg.data)
         data.block_size = seq_len
+        data.logical_shards = None  # one shard a row of these few rows
         batches.append(next(iter(TextBatches(data, tokenizer, rows, 0, 1, cfg.seed))))
     return batches
 
