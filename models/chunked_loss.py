@@ -106,11 +106,25 @@ def chunked_cross_entropy(
     targets: torch.Tensor,
     chunk_size: int,
     barrier: Barrier | None = None,
+    groups: int = 1,
 ) -> torch.Tensor:
     """Mean cross-entropy of the head `weight` [V, E] on `hidden` [B, T, E] against `targets`
     [B, T] (position t scored against targets[:, t]; -100: no target), the float32 logits made
     `chunk_size` positions at a time. Summed and divided by the real targets of the batch, as
-    models.llama.cross_entropy is."""
+    models.llama.cross_entropy is.
+
+    `groups` > 1: the positions are split over that many devices in contiguous blocks (context
+    parallelism). Each block is then cut into chunks of chunk_size / groups positions and chunk
+    i holds the i-th of every block: a row seen as [B * groups, T / groups] keeps the split on
+    its first dimension, so every device works on every chunk (cut straight along the
+    positions, a chunk would lie on one device while the others wait)."""
+    if groups > 1:
+        rows, length = targets.shape
+        if length % groups:
+            raise ValueError(f"{length} positions do not split into {groups} groups")
+        hidden = hidden.reshape(rows * groups, length // groups, hidden.shape[-1])
+        targets = targets.reshape(rows * groups, length // groups)
+        chunk_size = -(-chunk_size // groups)
     total = _ChunkedLMHeadLoss.apply(hidden, weight, targets, chunk_size, barrier)
     count = (targets != IGNORE_INDEX).sum().clamp(min=1)
     return total / count

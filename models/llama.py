@@ -435,6 +435,9 @@ class LlamaForCausalLM(nn.Module):
     loss_barrier: Barrier | None = None
     """The backend's optimization barrier for the chunked loss, set from outside
     (torchprime.rewriting): on XLA it keeps the chunks apart (models/chunked_loss.py)."""
+    loss_position_groups: int = 1
+    """Devices the sequence is split over (context parallelism, set from outside): the chunked
+    loss then gives every chunk positions of each device's block (models/chunked_loss.py)."""
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -511,7 +514,12 @@ class LlamaForCausalLM(nn.Module):
         if targets is not None:
             if chunk is not None:
                 loss = chunked_cross_entropy(
-                    hidden, self.lm_head.weight, targets, chunk, self.loss_barrier
+                    hidden,
+                    self.lm_head.weight,
+                    targets,
+                    chunk,
+                    self.loss_barrier,
+                    self.loss_position_groups,
                 )
                 return CausalLMOutput(logits=None, loss=loss)
             logits = self.lm_head(hidden)

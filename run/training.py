@@ -156,8 +156,10 @@ def place_model(pre: Preflight, backend: Backend) -> nn.Module:
             log.info(
                 "sharding: %d parameters replicated (no pattern): %s", len(left), ", ".join(left)
             )
-    if context_size(mesh) > 1 and cfg.model.attention_kernel not in TPU_KERNELS:
-        place_sequence_layout(model, SequenceLayout(backend, mesh))
+    if context_size(mesh) > 1:
+        model.loss_position_groups = context_size(mesh)
+        if cfg.model.attention_kernel not in TPU_KERNELS:
+            place_sequence_layout(model, SequenceLayout(backend, mesh))
     apply_rewriting(model, cfg.model.remat, backend, pre.specs, mesh)
     autocast_forward(model, precision, backend.device.type)
     if cfg.model.attention_kernel in TPU_KERNELS:

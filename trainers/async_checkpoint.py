@@ -8,9 +8,12 @@ write). A crash while a write is in flight leaves a .tmp folder that resume neve
 previous checkpoint stays the newest complete one. At most one save is in flight: a new save,
 the end of the run and a SIGTERM stop wait for the one before.
 
-Single process only (one host): the staged copy holds every tensor whole, and the background
-thread would need a process group of its own to coordinate hosts. With several processes the
-trainer refuses to start with async_save=true.
+With several processes (the hosts of a pod, or torchrun ranks) each stages its own shards and
+the background threads coordinate through a gloo process group of their own, made once at start
+(`checkpoint_group`): DCP's planning and the seal run there, so they never interleave with the
+collectives of the training thread on the default group. Every host's files and record are in
+before the coordinator seals the folder, and every host learns the outcome, so a failed write
+is reported by all of them at their next wait.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.staging import AsyncStager
 
@@ -42,6 +46,7 @@ from trainers.checkpoint import (
     is_complete,
     step_dirs,
 )
+from trainers.hosts import barrier, is_coordinator, process_index
 from trainers.storage import describe_write_failure, os_error_in
 
 log = logging.getLogger(__name__)
@@ -62,11 +67,20 @@ class _AlreadyStaged(AsyncStager):
         pass
 
 
+def checkpoint_group() -> dist.ProcessGroup | None:
+    """A gloo group of every process for the background writes (None in a single process).
+    Collective: every process must make it, in the same order as its other groups."""
+    return dist.new_group(backend="gloo") if dist.is_initialized() else None
+
+
 class AsyncSaver:
     """One background checkpoint at a time under `root`."""
 
     def __init__(self, root: Path, backend: Backend, keep: int | None):
         self.root, self.backend, self.keep = root, backend, keep
+        self.group = checkpoint_group()
+        self.lead = is_coordinator()
+        self.index = process_index(backend)
         # The write runs in another thread, outside the save's warning filters (which are
         # per process, not per thread): the same library notes, silenced for the process.
         for message in (
@@ -86,8 +100,9 @@ class AsyncSaver:
         self.wait()
         final = checkpoint_dir(self.root, step)
         tmp = self.root / f".{final.name}.tmp"
-        if tmp.exists():
+        if self.lead and tmp.exists():
             shutil.rmtree(tmp)  # a previous save that died half-way
+        barrier()  # no host writes into the folder while the coordinator still clears it
         started = time.perf_counter()
         # The step's values, not a graph still running: staging reads them (XLA: transfers
         # only, no compilation; a read while computations are in flight can fail).
@@ -105,39 +120,64 @@ class AsyncSaver:
                 async_stager=_AlreadyStaged(),
                 # XLA: the planner that writes the staged shards (one item per shard).
                 planner=self.backend.checkpoint_planners()[0],
-                no_dist=True,
+                process_group=self.group,
+                no_dist=self.group is None,
             )
         staged_s = time.perf_counter() - started
         sealed: Future = Future()
 
         def seal(write: Future) -> None:
+            # Every host reaches both collectives below whatever failed, or the others hang.
+            error: BaseException | None = None
             try:
                 write.result()
-                host_file(tmp, 0).write_text(json.dumps(host) + "\n")
-                _check_all_written(tmp, state)
-                (tmp / COMPLETE).write_text(json.dumps({"step": step}) + "\n")
-                if final.exists():
-                    shutil.rmtree(final)
-                tmp.rename(final)
-                fsync_dir(self.root)
-                if self.keep is not None:
-                    for old in [p for p in step_dirs(self.root) if is_complete(p)][self.keep :]:
-                        shutil.rmtree(old, ignore_errors=True)
-                log.info(
-                    "checkpoint: step %d written to %s in the background (%.2f s after staging)",
-                    step,
-                    final,
-                    time.perf_counter() - started - staged_s,
-                )
-                sealed.set_result(final)
+                host_file(tmp, self.index).write_text(json.dumps(host) + "\n")
             except BaseException as e:  # noqa: BLE001 - reported by the next wait
-                shutil.rmtree(tmp, ignore_errors=True)  # a partial checkpoint is of no use
-                sealed.set_exception(e)
+                error = e
+            failed = [i for i, bad in enumerate(self._gather(error is not None)) if bad]
+            if self.lead and not failed:
+                try:
+                    _check_all_written(tmp, state)
+                    (tmp / COMPLETE).write_text(json.dumps({"step": step}) + "\n")
+                    if final.exists():
+                        shutil.rmtree(final)
+                    tmp.rename(final)
+                    fsync_dir(self.root)
+                    if self.keep is not None:
+                        complete = [p for p in step_dirs(self.root) if is_complete(p)]
+                        for old in complete[self.keep :]:
+                            shutil.rmtree(old, ignore_errors=True)
+                except BaseException as e:  # noqa: BLE001
+                    error, failed = e, [self.index]
+            failed = self._gather(failed)[0]  # the coordinator's view, on every host
+            if error is None and failed:
+                hosts = ", ".join(str(i) for i in failed)
+                error = RuntimeError(f"the write failed on host {hosts} (its log names why)")
+            if error is not None:
+                if self.lead:
+                    shutil.rmtree(tmp, ignore_errors=True)  # a partial checkpoint is of no use
+                sealed.set_exception(error)
+                return
+            log.info(
+                "checkpoint: step %d written to %s in the background (%.2f s after staging)",
+                step,
+                final,
+                time.perf_counter() - started - staged_s,
+            )
+            sealed.set_result(final)
 
         written.add_done_callback(seal)
         with self._lock:
             self._pending = (step, tmp, sealed)
         return final
+
+    def _gather(self, value: Any) -> list[Any]:
+        """`value` of every host in rank order, over the checkpoint group (background thread)."""
+        if self.group is None:
+            return [value]
+        values: list[Any] = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(values, value, group=self.group)
+        return values
 
     def wait(self) -> None:
         """Until the save in flight (if any) is complete; raises if it failed."""

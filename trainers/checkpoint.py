@@ -245,11 +245,23 @@ def check_readable(path: Path) -> dict[str, Any]:
     return complete
 
 
+#: Top-level groups of a checkpoint's tensors that only some runs write (trainer.spike's
+#: statistics): a checkpoint without one still loads, that group keeping its fresh values.
+OPTIONAL_GROUPS = ("spike",)
+
+
 def load_checkpoint(path: Path, state: dict[str, Any], backend: Backend) -> dict[str, Any]:
     """Load the tensors of `state` in place from `path`; returns this host's JSON record
-    (at least {"step": N}). Raises CorruptCheckpoint when the folder cannot be loaded (the
-    tensors may then be partly overwritten: load another checkpoint or stop)."""
+    (at least {"step": N}; "missing_groups" lists the OPTIONAL_GROUPS of `state` the
+    checkpoint lacks, left as they were). Raises CorruptCheckpoint when the folder cannot be
+    loaded (the tensors may then be partly overwritten: load another checkpoint or stop)."""
     complete = check_readable(path)
+    saved = {
+        key.split(".")[0]
+        for key in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    }
+    missing = [g for g in OPTIONAL_GROUPS if g in state and g not in saved]
+    state = {k: v for k, v in state.items() if k not in missing}
     _, load_planner = backend.checkpoint_planners()
     try:
         # In place into parameters: autograd must not record the copies.
@@ -264,6 +276,8 @@ def load_checkpoint(path: Path, state: dict[str, Any], backend: Backend) -> dict
     except (Exception, CheckpointException) as e:  # noqa: BLE001
         raise CorruptCheckpoint(f"loading failed ({type(e).__name__}: {_first_line(e)})") from e
     record: dict[str, Any] = {"step": int(complete["step"])}
+    if missing:
+        record["missing_groups"] = missing
     hosts = host_file(path, process_index(backend))
     if hosts.is_file():
         try:

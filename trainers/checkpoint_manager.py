@@ -32,7 +32,6 @@ from trainers.hosts import (
     broadcast_from_coordinator,
     gather_from_hosts,
     is_coordinator,
-    process_total,
 )
 
 log = logging.getLogger(__name__)
@@ -72,14 +71,6 @@ class CheckpointManager:
         """never, auto, or a checkpoint folder (trainer.resume)."""
         self.root = root
         self.backend = backend
-        processes = max(process_total(), backend.process_count)
-        single = processes == 1
-        if cfg.async_save and not single:
-            raise ConfigError(
-                f"trainer.checkpoint.async_save=true: asynchronous saves need a single process, "
-                f"this run has {processes}; set it to false (synchronous saves, as with "
-                "several processes)."
-            )
         self.async_saver = AsyncSaver(root, backend, cfg.keep) if cfg.async_save else None
         """Writes checkpoints in the background (trainer.checkpoint.async_save), or None."""
 
@@ -155,6 +146,14 @@ class CheckpointManager:
                 log.warning("resume: skipping %s, which cannot be loaded: %s", path, problem)
                 failed.append(path.name)
                 continue
+            for group in record.pop("missing_groups", []):
+                log.warning(
+                    "resume: %s holds no %s tensors (saved by a run without them); %s starts "
+                    "from fresh values",
+                    path.name,
+                    group,
+                    group,
+                )
             state.load_host_state(record)
             # Materialize what was loaded now, as one small graph, not inside the first step.
             self.backend.sync()

@@ -104,7 +104,8 @@ class CheckpointConfig:
     async_save: bool = False
     """Write checkpoints in the background while training goes on (trainers/async_checkpoint.py:
     the state is staged in host memory, COMPLETE written once the write finished, one save in
-    flight). Single process only (refused at start-up with several). Off by default until a
+    flight; with several processes each writes its shards, coordinated through a gloo group of
+    their own). Off by default until a
     write in flight is proven against the fault-injection suite (a checkpoints folder deleted
     between saves still leaves a background write's folder behind)."""
 

@@ -22,11 +22,12 @@ from tqdm.auto import tqdm
 from torchprime.backend.base import Backend
 from trainers.hosts import is_coordinator
 from trainers.metrics import MetricsFile, truncate_metrics
+from trainers.spike import SIGNALS
 
 log = logging.getLogger(__name__)
 
 #: Metrics that are counts, written as integers.
-COUNTS = ("skipped_steps", "skipped_rows")
+COUNTS = ("skipped_steps", "skipped_rows", *(f"{s}_spike_skips" for s in SIGNALS))
 
 
 class Sink(Protocol):

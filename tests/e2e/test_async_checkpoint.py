@@ -1,8 +1,9 @@
-"""Asynchronous checkpoints on XLA SPMD (4 virtual CPU devices), in subprocesses as a user runs
-it: a checkpoint written in the background holds the same tensors as a synchronous one, adds
-no compilation, and a SIGKILL while a background write is in flight leaves the previous
+"""Checkpoint faults on XLA SPMD (4 virtual CPU devices), in subprocesses as a user runs it: a
+checkpoint written in the background holds the same tensors as a synchronous one, adds no
+compilation, and a SIGKILL while a background write is in flight leaves the previous
 checkpoint the newest complete one, from which trainer.resume=auto continues with the losses of
-the uninterrupted run."""
+the uninterrupted run. The same holds for a SIGKILL in the middle of a synchronous write, and a
+checkpoint whose tensor file was cut short is skipped by name."""
 
 from __future__ import annotations
 
@@ -90,3 +91,41 @@ def test_background_checkpoints_hold_the_tensors_of_synchronous_ones(runs, tmp_p
         b = tensors(sync / "checkpoints" / name, tmp_path)
         assert_same_tensors(a, b)
         assert (killed / "checkpoints" / name / "COMPLETE").is_file()
+
+
+@requires_xla
+def test_a_kill_during_a_synchronous_write_and_a_truncated_shard_are_skipped_by_name(runs):
+    root, sync, _, _, _ = runs
+    out = root / "sync_killed"
+    # Killed inside the write of step 8, once its tensor files are written, before COMPLETE.
+    proc = run_train(
+        *COMMON,
+        "trainer.checkpoint.async_save=false",
+        f"output_dir={out}",
+        script="tests/e2e/train_with_kill.py 8 0",
+    )
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    saved = out / "checkpoints"
+    assert sorted(p.name for p in saved.iterdir()) == [
+        ".step_00000008.tmp",
+        "step_00000003",
+        "step_00000006",
+    ]
+    assert list((saved / ".step_00000008.tmp").glob("*.distcp"))
+    # And the newest complete checkpoint has lost the end of a tensor file.
+    shard = sorted((saved / "step_00000006").glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[:1000])
+    resumed = run_train(
+        *COMMON,
+        "trainer.checkpoint.async_save=false",
+        "trainer.resume=auto",
+        f"output_dir={out}",
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log = resumed.stdout + resumed.stderr
+    assert "skipping incomplete checkpoints" in log and ".step_00000008.tmp" in log
+    assert f"skipping {saved / 'step_00000006'}, which cannot be loaded" in log
+    assert f"data file {shard.name} is 1000 bytes" in log
+    assert "continuing after step 3" in log
+    expected = [(r["step"], r["loss"]) for r in read_jsonl(sync / "metrics.jsonl")]
+    assert [(r["step"], r["loss"]) for r in read_jsonl(out / "metrics.jsonl")] == expected

@@ -50,7 +50,8 @@ def one_process(cpu_run) -> list[float]:
 
 @pytest.fixture(scope="module")
 def four_fsdp(tmp_path_factory):
-    """4 processes, fsdp=4, checkpoints after steps 3 and 5."""
+    """4 processes, fsdp=4, checkpoints after steps 3 and 5, written in the background (the
+    tests below resume them on 2 processes and on XLA)."""
     out = tmp_path_factory.mktemp("fsdp4")
     proc = torchrun(
         4,
@@ -58,6 +59,7 @@ def four_fsdp(tmp_path_factory):
         "ici_mesh.fsdp=4",
         *STEPS,
         "trainer.checkpoint.interval=3",
+        "trainer.checkpoint.async_save=true",
         f"output_dir={out}",
     )
     return out, ok(proc)
@@ -86,6 +88,7 @@ def test_fsdp_over_four_processes_gives_the_losses_of_one(four_fsdp, one_process
     # One run, not four copies: one record per step, one summary, one host record per rank.
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3, 4, 5]
     assert proc.stdout.count("run finished") == 1
+    assert "step 5 written to" in proc.stdout + proc.stderr  # in the background
     step5 = out / "checkpoints" / "step_00000005"
     assert sorted(p.name for p in step5.glob("host_*.json")) == [
         f"host_0000{r}.json" for r in range(4)

@@ -1,8 +1,11 @@
 """`python tests/e2e/train_with_kill.py WRITE_STEP KILL_STEP [overrides...]`: train.py whose
 background checkpoint write of step WRITE_STEP never finishes (its DCP writer blocks), and
 which kills itself with SIGKILL when step KILL_STEP begins: a crash in the middle of an
-asynchronous save, at a moment chosen deterministically. The block and the kill come from this
-script (a patched DCP writer, a step callback), not from hooks inside the trainer."""
+asynchronous save, at a moment chosen deterministically. KILL_STEP 0 kills the process inside
+the write of WRITE_STEP instead, once its tensor files are on disk and before DCP's metadata
+and the COMPLETE marker: a crash in the middle of a synchronous save. The block and the kill
+come from this script (a patched DCP writer, a step callback), not from hooks inside the
+trainer."""
 
 from __future__ import annotations
 
@@ -29,9 +32,12 @@ write_data = FileSystemWriter.write_data
 
 
 def blocked_write_data(self, plan, planner):
-    if f"step_{WRITE_STEP:08d}" in str(self.path):
-        threading.Event().wait()  # forever: the kill comes first
-    return write_data(self, plan, planner)
+    if f"step_{WRITE_STEP:08d}" not in str(self.path):
+        return write_data(self, plan, planner)
+    if KILL_STEP == 0:
+        write_data(self, plan, planner).wait()
+        os.kill(os.getpid(), signal.SIGKILL)
+    threading.Event().wait()  # forever: the kill comes first
 
 
 FileSystemWriter.write_data = blocked_write_data

@@ -3,7 +3,8 @@
 On XLA with the 4 virtual devices of conftest, each case trains 3 steps (plain SGD, so the
 weights move) and compares the loss and every gradient with the same model on one device
 (eager, on the CPU): sharding changes where numbers are computed, not what they are. The
-runtime's shardings show the sequence split in the inputs and between layers."""
+runtime's shardings show the sequence split in the inputs and between layers. The loss computed
+in chunks (model.loss_chunk_size) gives the same numbers with the sequence split."""
 
 from __future__ import annotations
 
@@ -57,11 +58,12 @@ def one_device(cfg, batch):
     return train(model, batch, 1, False)
 
 
-CASES = [  # (context, fsdp, load balancing, document packing, kernel, layers scanned)
-    (4, 1, False, False, "eager", False),
-    (4, 1, True, True, "sdpa", False),
-    (2, 2, True, False, "eager", False),
-    (2, 2, False, True, "eager", True),  # segment ids carried through torch_xla's scan
+CASES = [  # (context, fsdp, load balancing, document packing, kernel, layers scanned, loss chunk)
+    (4, 1, False, False, "eager", False, None),
+    # chunks of 24 positions: 6 of each device's 16, the last chunk holding the remainder
+    (4, 1, True, True, "sdpa", False, 24),
+    (2, 2, True, False, "eager", False, 16),
+    (2, 2, False, True, "eager", True, None),  # segment ids carried through torch_xla's scan
 ]
 
 
@@ -81,11 +83,14 @@ def test_the_sequence_split_over_context_gives_the_losses_and_gradients_of_one_d
     backend = select_backend("xla", cpu_devices=4)
     sharding = composed("model/sharding=fsdp_cp").model.sharding
     errors = {}
-    for context, fsdp, balance, document, kernel, scan in CASES:
+    for context, fsdp, balance, document, kernel, scan, chunk in CASES:
         cfg = LlamaConfig(num_hidden_layers=2, attention_kernel=kernel)
         expected = one_device(cfg, host_batch(document))
         cfg = LlamaConfig(
-            num_hidden_layers=2, attention_kernel=kernel, load_balance_context=balance
+            num_hidden_layers=2,
+            attention_kernel=kernel,
+            load_balance_context=balance,
+            loss_chunk_size=chunk,
         )
         mesh = resolve_mesh(MeshAxesConfig(fsdp=fsdp, context=context), MeshAxesConfig(), 4)
         model = build_model(cfg, torch.float32)
@@ -94,6 +99,7 @@ def test_the_sequence_split_over_context_gives_the_losses_and_gradients_of_one_d
         materialize(model, specs, mesh, backend, model.init_module_weights, init)
         shard_activations(model, plan_activation_specs(model, sharding), mesh, backend)
         assert place_sequence_layout(model, SequenceLayout(backend, mesh)) == 2
+        model.loss_position_groups = context  # as run/training.py sets it
         layer_out = []
         model.model.layers[0].register_forward_hook(
             lambda m, a, out, seen=layer_out: seen.append(out)
@@ -101,6 +107,10 @@ def test_the_sequence_split_over_context_gives_the_losses_and_gradients_of_one_d
         if scan:
             apply_rewriting(model, RematConfig(scan_layers="model.layers"), backend)
         batch = next(backend.device_loader([host_batch(document)], mesh, BATCH_SPEC))
+        if chunk:  # each chunk takes chunk / N positions of every device's block of the rows
+            graph = backend.graph_text([model(**model_inputs(batch, context, balance)).loss])
+            assert f"f32[{4 * context},{chunk // context},264]" in graph
+            assert f"f32[4,{chunk},264]" not in graph
         got = train(model, batch, context, balance, backend)
 
         # the sequence (dimension 1) is split over context in the inputs and between layers
@@ -113,7 +123,7 @@ def test_the_sequence_split_over_context_gives_the_losses_and_gradients_of_one_d
         grad_error = max(
             (g[1][n] - e[1][n]).abs().max().item() for g, e in zip(got, expected) for n in g[1]
         )
-        errors[(context, fsdp, balance, document, kernel, scan)] = (loss_error, grad_error)
+        errors[(context, fsdp, balance, document, kernel, scan, chunk)] = (loss_error, grad_error)
         assert got[-1][0] < got[0][0]  # it trains
     print(errors)  # the closing note's figures (pytest -s)
     assert all(loss <= 1e-5 and grad <= 1e-5 for loss, grad in errors.values()), errors

@@ -177,3 +177,20 @@ def test_spike_state_is_only_in_checkpoints_of_runs_that_use_it(tmp_path):
         "loss_skips",
         "grad_norm_skips",
     }
+
+
+def test_turning_spike_skipping_on_or_off_at_a_resume_keeps_the_checkpoint(tmp_path, caplog):
+    every = CheckpointConfig(interval=3, save_at_end=False)
+    common = dict(batches=batches(), logging_steps=1, checkpoint=every)
+    trainer(tmp_path / "off", max_steps=3, **common).train()
+    on = trainer(tmp_path / "off", max_steps=6, resume="auto", spike=SPIKE, **common)
+    with caplog.at_level("WARNING"):
+        assert on.restore() == tmp_path / "off" / "checkpoints" / "step_00000003"
+    warned = "\n".join(r.getMessage() for r in caplog.records)
+    assert "step_00000003 holds no spike tensors" in warned
+    assert on.start_step == 3 and on.step_count.item() == 3 and on.spike.observed.item() == 0
+    on.train()  # the statistics start afresh, warming up again
+    assert on.spike.observed.item() == 3
+    off = trainer(tmp_path / "off", max_steps=9, resume="auto", **common)
+    assert off.restore() == tmp_path / "off" / "checkpoints" / "step_00000006"
+    assert off.start_step == 6 and off.spike is None
