@@ -34,6 +34,7 @@ PARTS: dict[str, list[str]] = {
     "remat": ["bench.remat_memory"],
     "loss_memory": ["bench.loss_memory"],
     "precision_speed": ["bench.precision_speed"],
+    "moe_speed": ["bench.moe_speed"],
     # Depths 4 and 8 keep the whole run under 20 minutes; depth 16 adds about 5.
     "compile_scan": ["bench.compile_scan", "--depths", "4", "8", "--steps", "3"],
     "data_pipeline": ["bench.data_pipeline", "--seconds", "2"],
@@ -375,12 +376,30 @@ def run_md(results: dict[str, Any], total_s: float) -> str:
     )
 
 
+def moe_speed_md(r: dict[str, Any]) -> str:
+    rows = [
+        [
+            side,
+            f"{v['active_parameters']:,.0f}",
+            f"{v['tokens_per_s']:,.0f}",
+            f"{v['over_dense']:.2f}×",
+            f"{v['cpu_s']:.2f}",
+            f"{v['over_dense_cpu']:.2f}×",
+            f"{v['loss']:.4f}",
+        ]
+        for side, v in r["sides"].items()
+    ]
+    header = ["model", "active parameters", "tokens/s", "vs dense", "CPU s/step", "vs dense, CPU"]
+    return _table([*header, "last loss"], rows, "lrrrrrr")
+
+
 SECTIONS: dict[str, tuple[tuple[str, ...], Callable[..., str]]] = {
     "side_by_side": (("eager", "compiled", "xla"), side_by_side_md),
     "mfu": (("eager", "compiled"), mfu_md),
     "remat": (("remat",), remat_md),
     "loss_memory": (("loss_memory",), loss_memory_md),
     "precision_speed": (("precision_speed",), precision_speed_md),
+    "moe_speed": (("moe_speed",), moe_speed_md),
     "compile_scan": (("compile_scan",), compile_scan_md),
     "data_pipeline": (("data_pipeline",), data_pipeline_md),
     "distributed": (("distributed",), distributed_md),

@@ -1,9 +1,11 @@
-"""Hugging Face Llama folders in and out: start pretraining from a released checkpoint, and hand
-a trained model to `transformers` (and everything built on it) for evaluation and serving.
+"""Hugging Face Llama and Mixtral folders in and out: start pretraining from a released
+checkpoint, and hand a trained model to `transformers` (and everything built on it) for
+evaluation and serving.
 
 A folder holds `config.json` and safetensors weights, either one `model.safetensors` or shards
 listed by `model.safetensors.index.json`. Our parameter names are HF's and RoPE uses HF's
-rotate_half layout, so tensors map one to one by name with no permutation.
+rotate_half layout, so tensors map one to one by name with no permutation; Mixtral's experts
+are stored per expert in folders and fused in the model (models/hf_mixtral.py).
 
 Loading goes through `torchprime.materialize`: each module reads only its own tensors from the
 files, on the host, and sends them to the devices already sharded, so a large checkpoint is never
@@ -23,7 +25,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from models import build_model
+from models.hf_mixtral import moe_hf_fields, per_expert_sources, read_moe_fields, to_per_expert
 from models.llama import LlamaConfig, LlamaForCausalLM, RopeScalingConfig
+from models.mixtral import MixtralConfig
 from torchprime.backend import select_backend
 from torchprime.backend.base import Backend
 from torchprime.errors import ConfigError
@@ -47,8 +51,13 @@ _REQUIRED_KEYS = (
 )
 
 
+#: config.json model_type → our config schema.
+FAMILIES: dict[str, type[LlamaConfig]] = {"llama": LlamaConfig, "mixtral": MixtralConfig}
+
+
 def read_hf_config(path: PathLike) -> LlamaConfig:
-    """The architecture of the HF Llama folder (or config.json file) at `path`.
+    """The architecture of the HF Llama or Mixtral folder (or config.json file) at `path`
+    (a MixtralConfig for a Mixtral, with dropless routing: HF's computation).
 
     RoPE settings are read in both layouts: transformers 4 (`rope_theta`, and `rope_scaling` with
     `rope_type` or the older `type`) and transformers 5 (`rope_parameters`, with `rope_theta`
@@ -64,10 +73,11 @@ def read_hf_config(path: PathLike) -> LlamaConfig:
     except json.JSONDecodeError as e:
         raise ConfigError(f"{file}: not valid JSON ({e}).") from None
 
-    if raw.get("model_type") != "llama":
+    family = FAMILIES.get(raw.get("model_type"))
+    if family is None:
         raise ConfigError(
-            f"{file}: model_type={raw.get('model_type')!r}; only Llama checkpoints "
-            f"(model_type 'llama') can be loaded."
+            f"{file}: model_type={raw.get('model_type')!r}; only Llama and Mixtral checkpoints "
+            f"(model_type {' or '.join(map(repr, FAMILIES))}) can be loaded."
         )
     missing = [key for key in _REQUIRED_KEYS if raw.get(key) is None]
     if missing:
@@ -81,7 +91,9 @@ def read_hf_config(path: PathLike) -> LlamaConfig:
     heads = raw["num_attention_heads"]
     max_positions = raw.get("max_position_embeddings", 2048)  # HF's defaults for absent keys
     rope_theta, rope_scaling = _read_rope(raw, file, max_positions)
-    cfg = LlamaConfig(
+    moe = read_moe_fields(raw, file) if family is MixtralConfig else {}
+    cfg = family(
+        **moe,
         vocab_size=raw["vocab_size"],
         hidden_size=raw["hidden_size"],
         intermediate_size=raw["intermediate_size"],
@@ -173,7 +185,14 @@ class HfWeightsInit:
                 param.copy_(self._read(full_name, tuple(param.shape)).to(param.dtype))
                 self.used.add(full_name)
 
-    def _read(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    def _read(self, name: str, shape: tuple[int, ...] | None) -> torch.Tensor:
+        """The tensor `name` of the files, checked to have `shape` (None: any); a Mixtral
+        tensor the folder stores per expert is joined from its parts."""
+        if name not in self.file_of and (per_expert := per_expert_sources(name, shape)):
+            names, join = per_expert
+            if all(n in self.file_of for n in names):
+                self.used.update(names)
+                return join([self._read(n, None) for n in names])
         if name not in self.file_of:
             raise ConfigError(
                 f"{self.path}: tensor {name} (shape {list(shape)}) is missing from the "
@@ -182,7 +201,7 @@ class HfWeightsInit:
         file = self.file_of[name]
         with safe_open(file, framework="pt") as f:
             found = tuple(f.get_slice(name).get_shape())  # the header only, no data read
-            if found != shape:
+            if shape is not None and found != shape:
                 raise ConfigError(
                     f"{file}: tensor {name} has shape {list(found)}, the model expects "
                     f"{list(shape)} (does config.json match the weights?)."
@@ -234,7 +253,7 @@ def load_hf(
     mesh: Mesh | None = None,
     sharding: ShardingConfig | None = None,
 ) -> LlamaForCausalLM:
-    """Our Llama with the weights of the HF folder at `path`, cast to `dtype`, placed by
+    """Our Llama or Mixtral with the weights of the HF folder at `path`, cast to `dtype`, placed by
     `backend` on `mesh` as `sharding` says (replicated when None). Defaults: the CPU backend and
     a one-device mesh. Raises ConfigError for an unsupported config and for missing, misshapen
     or unused tensors."""
@@ -258,9 +277,11 @@ def save_hf(
     to_host: Callable[[torch.Tensor], torch.Tensor] | None = None,
     write: bool = True,
 ) -> None:
-    """Write `model` as an HF Llama folder: `config.json` and one `model.safetensors`, which
-    `transformers.LlamaForCausalLM.from_pretrained(path)` loads with no missing or unexpected
-    keys. `dtype`: the saved dtype (default: the parameters' own).
+    """Write `model` as an HF Llama or Mixtral folder: `config.json` and one
+    `model.safetensors`, which `transformers.LlamaForCausalLM` (`MixtralForCausalLM`)
+    `.from_pretrained(path)` loads with no missing or unexpected keys; Mixtral's experts are
+    written per expert, as transformers writes them. `dtype`: the saved dtype (default: the
+    parameters' own).
 
     Every parameter is gathered whole to the host (`.cpu()`), one at a time, so this suits
     models that fit in host memory on a single host. On XLA, the caller first finishes the
@@ -280,7 +301,8 @@ def save_hf(
         # Cast after the move: on XLA a cast on the device would build and run another graph.
         whole = to_host(param)
         if write:  # the others only took part in the gathering
-            tensors[name] = whole.to(dtype).contiguous()
+            for hf_name, tensor in to_per_expert(name, whole.to(dtype)).items():
+                tensors[hf_name] = tensor.contiguous()
     if not write:
         return
     path.mkdir(parents=True, exist_ok=True)
@@ -288,9 +310,11 @@ def save_hf(
 
     scaling = cfg.rope_scaling
     dtype_name = str(dtype).removeprefix("torch.")
+    family = "mixtral" if isinstance(cfg, MixtralConfig) else "llama"
     hf_config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [f"{family.capitalize()}ForCausalLM"],
+        "model_type": family,
+        **(moe_hf_fields(cfg) if isinstance(cfg, MixtralConfig) else {}),
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size,
@@ -342,10 +366,19 @@ def check_matches(cfg: LlamaConfig, path: PathLike, key: str = "model") -> None:
     """ConfigError listing every architecture field where `cfg` and the folder's config.json
     disagree (training would otherwise start from weights meant for another model)."""
     saved = read_hf_config(path)
+    if type(saved) is not type(cfg):
+        raise ConfigError(
+            f"{key}.pretrained_path={str(path)!r} holds a {saved.name} checkpoint "
+            f"({Path(path) / CONFIG_FILE}), but {key}.name={cfg.name!r}. Choose a {saved.name} "
+            "preset."
+        )
+    fields = ARCHITECTURE_FIELDS
+    if isinstance(cfg, MixtralConfig):
+        fields += ("num_local_experts", "num_experts_per_tok")
     differences = [
         f"{key}.{name.removeprefix('resolved_')}={getattr(cfg, name)!r} but the checkpoint has "
         f"{getattr(saved, name)!r}"
-        for name in ARCHITECTURE_FIELDS
+        for name in fields
         if getattr(cfg, name) != getattr(saved, name)
     ]
     if differences:

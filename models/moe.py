@@ -86,6 +86,10 @@ class RouterStats:
 class MixtralExperts(nn.Module):
     """E SwiGLU experts stored as 3-d tensors (transformers 5's fused layout)."""
 
+    active_fraction: float = 1.0
+    """The share of the experts' weights one token uses (k / E, set by its block): model
+    FLOPs and MFU count only those (trainers/metrics.py)."""
+
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
         E, H, width = num_experts, hidden_size, intermediate_size
@@ -127,6 +131,7 @@ class MixtralSparseMoeBlock(nn.Module):
         self.capacity_factor = capacity_factor
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)  # the router
         self.experts = MixtralExperts(num_experts, hidden_size, intermediate_size)
+        self.experts.active_fraction = top_k / num_experts
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, T, H] → (output [B, T, H], this layer's RouterStats vector)."""

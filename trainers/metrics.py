@@ -82,23 +82,18 @@ def model_flops_per_token(model: nn.Module, seq_len: int) -> float:
     """Training FLOPs per token: 6 × N + 12 × layers × hidden × seq_len.
 
     N counts the parameters that multiply activations: every parameter but the input
-    embedding tables (a lookup; a tied LM head is counted, as the head's matmul). 6 = 2 FLOPs
+    embedding tables (a lookup; a tied LM head is counted, as the head's matmul), and of a
+    mixture of experts only the share a token uses (`active_fraction`: k of E). 6 = 2 FLOPs
     per multiply-add × (forward + 2 × backward). The second term is attention's QKᵀ and AV,
-    which have no parameters (PaLM, appendix B). In a mixture-of-experts block (a module with
-    `num_experts` and `top_k`) a token multiplies only its k experts' weights: its `experts`
-    count k / E of their parameters (the active parameters, as MoE MFU is reported).
+    which have no parameters (PaLM, appendix B).
     """
     counted: dict[int, float] = {}
     for module in model.modules():
         if isinstance(module, nn.Embedding):
             continue
+        active = getattr(module, "active_fraction", 1.0)
         for p in module.parameters(recurse=False):
-            counted[id(p)] = p.numel()
-    for module in model.modules():
-        experts = getattr(module, "experts", None)
-        if isinstance(experts, nn.Module) and hasattr(module, "top_k"):
-            for p in experts.parameters():
-                counted[id(p)] = p.numel() * module.top_k / module.num_experts
+            counted[id(p)] = p.numel() * active
     cfg = getattr(model, "config", None)
     attention = 0
     if cfg is not None and hasattr(cfg, "num_hidden_layers") and hasattr(cfg, "hidden_size"):

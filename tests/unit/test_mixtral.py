@@ -21,6 +21,7 @@ from torchprime.materialize import materialize
 from torchprime.mesh import MeshAxesConfig, resolve_mesh
 from torchprime.rewriting import RematConfig, apply_rewriting
 from torchprime.sharding import BATCH_SPEC, plan_parameter_specs
+from trainers.metrics import model_flops_per_token
 
 TINY = dict(intermediate_size=96, num_hidden_layers=2)
 
@@ -239,3 +240,12 @@ def test_xla_both_routings_compile_once_and_scan_keeps_the_numbers():
         assert xla.compile_count() == compiled, name
         if name == "capacity_scan":
             assert " while(" in first[3]  # the layers run as one loop
+
+
+def test_model_flops_count_the_active_experts_only():
+    """The tiny MoE (4 experts of width 256, 2 a token) does the work of a Llama of width 512
+    plus its router: MFU is computed from the experts a token uses, not from all of them."""
+    moe = build_model(composed("model=tiny_moe").model, torch.float32)
+    dense = build_model(composed("model.intermediate_size=512").model, torch.float32)
+    router = 4 * 128 * 4  # layers x hidden x experts
+    assert model_flops_per_token(moe, 256) == model_flops_per_token(dense, 256) + 6 * router
