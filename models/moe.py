@@ -111,9 +111,10 @@ class MixtralExperts(nn.Module):
 
 
 class MixtralSparseMoeBlock(nn.Module):
-    constrain_dispatch: Callable[[torch.Tensor], torch.Tensor] = staticmethod(_identity)
+    constrain_dispatch: Callable[..., torch.Tensor] = staticmethod(_identity)
     """Applied to the dispatched tokens [E, C, H] and to the experts' outputs [E, C, H]; set
-    from outside (the sharding layer) to lay them out over the `expert` axis."""
+    from outside (the sharding layer) to lay them out over the `expert` axis. Routing per row
+    also says which way each goes (role "dispatch" or "combine", models/moe_rows.py)."""
     static_shapes: bool = False
     """Route with shapes that do not depend on the data (set from outside on XLA): dropless
     then runs every expert on every token."""
