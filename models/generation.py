@@ -67,7 +67,7 @@ def forward_cached(
         probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
         out = (probs @ v).transpose(1, 2).reshape(B, T, -1)
         x = x + attn.o_proj(out)
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        x = x + layer.feed_forward(x)
     return model.lm_head(core.norm(x))
 
 

@@ -396,10 +396,14 @@ class LlamaDecoderLayer(nn.Module):
         )
         return offload_name(x + attention, "mlp_input", self.offloaded)
 
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The feed-forward half's output on x (the residual not added)."""
+        return self.mlp(self.post_attention_layernorm(x))
+
     def forward(self, x: torch.Tensor, *shared: torch.Tensor | None) -> torch.Tensor:
         """x [B, T, E]; shared: cos, sin, segment_ids, token_index, bias (see `attend`)."""
         x = self.attend(x, *shared)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.feed_forward(x)
 
 
 class LayerStack(nn.ModuleList):

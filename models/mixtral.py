@@ -113,8 +113,15 @@ class MixtralDecoderLayer(LlamaDecoderLayer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         x, stats = carry
         x = self.attend(x, *shared)
-        out, layer_stats = self.mlp(self.post_attention_layernorm(x))
+        out, layer_stats = self.routed(x)
         return x + out, stats + layer_stats
+
+    def routed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The experts' output on x and this layer's router statistics."""
+        return self.mlp(self.post_attention_layernorm(x))
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.routed(x)[0]
 
 
 class MixtralModel(LlamaModel):

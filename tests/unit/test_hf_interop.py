@@ -52,9 +52,12 @@ def hf_llama(tie: bool = False, seed: int = 0) -> transformers.LlamaForCausalLM:
         tie_word_embeddings=tie,
         attn_implementation="eager",
     )
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    # Our own draw, larger than HF's init (so the logits are far from zero), and random norm
-    # weights (HF sets them to 1, which would hide a norm loaded into the wrong place).
+    return randomize_hf_weights(transformers.LlamaForCausalLM(cfg).eval(), seed)
+
+
+def randomize_hf_weights(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Our own draw, larger than HF's init (so the logits are far from zero), and random norm
+    weights (HF sets them to 1, which would hide a norm loaded into the wrong place)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

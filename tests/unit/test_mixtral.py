@@ -13,6 +13,7 @@ from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_fun
 
 from conftest import composed, requires_xla
 from models import build_model
+from models.generation import KVCache, forward_cached
 from models.mixtral import MixtralConfig, MixtralForCausalLM
 from models.moe import MixtralSparseMoeBlock, expert_capacity
 from torchprime.backend import select_backend
@@ -249,3 +250,14 @@ def test_model_flops_count_the_active_experts_only():
     dense = build_model(composed("model.intermediate_size=512").model, torch.float32)
     router = 4 * 128 * 4  # layers x hidden x experts
     assert model_flops_per_token(moe, 256) == model_flops_per_token(dense, 256) + 6 * router
+
+
+def test_cached_decoding_gives_the_full_forward_logits():
+    """tools.generate and eval.samples decode the MoE with the KV cache, token by token."""
+    model, ids = make(), tokens(1, 12)
+    cache = KVCache.empty(model.config.num_hidden_layers)
+    with torch.no_grad():
+        full = model(ids).logits
+        steps = [forward_cached(model, ids[:, :6], cache)]
+        steps += [forward_cached(model, ids[:, t : t + 1], cache) for t in range(6, 12)]
+    assert (torch.cat(steps, dim=1) - full).abs().max() < 1e-5

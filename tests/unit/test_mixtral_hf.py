@@ -9,6 +9,7 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
+from test_hf_interop import randomize_hf_weights
 
 from models.hf import check_matches, load_hf, read_hf_config, save_hf
 from models.llama import LlamaConfig
@@ -34,13 +35,7 @@ def hf_mixtral(seed: int = 0) -> transformers.MixtralForCausalLM:
     """A tiny random transformers Mixtral (GQA, 4 experts, 2 a token), weights drawn larger
     than HF's init and norms away from 1, so a tensor loaded into the wrong place shows."""
     cfg = transformers.MixtralConfig(**SHAPE, rms_norm_eps=1e-5, attn_implementation="eager")
-    model = transformers.MixtralForCausalLM(cfg).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1 + 0.1 * noise if "norm" in name else 0.1 * noise)
-    return model
+    return randomize_hf_weights(transformers.MixtralForCausalLM(cfg).eval(), seed)
 
 
 def tokens(batch: int = 2, seed: int = 1) -> torch.Tensor:
