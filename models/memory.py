@@ -81,17 +81,24 @@ def per_token_layer_elements(cfg: LlamaConfig, tensor: int, seq_len: int) -> dic
     if experts is None:
         counts["mlp"] = 4 * mlp  # gate, up, silu(gate), their product (down_proj's input)
     else:
-        counts.update(moe_per_token_elements(cfg, tensor))
+        counts.update(moe_per_token_elements(cfg, tensor, seq_len))
     if cfg.attention_kernel not in TPU_KERNELS:
         counts["attention_probs"] = cfg.num_attention_heads / tensor * seq_len
     return counts
+
+
+def routed_per_row(cfg: LlamaConfig) -> bool:
+    """A mixture of experts routed within each row (capacity_per_row, models/moe_rows.py)."""
+    routing = getattr(cfg, "moe_implementation", None)
+    return str(getattr(routing, "value", routing)) == "capacity_per_row"
 
 
 def expert_slots_per_token(cfg: LlamaConfig) -> float:
     """Expert-buffer slots per token of a mixture-of-experts layer: top-k x the capacity
     factor with capacity routing; every expert with dropless routing on XLA, which runs
     every expert on every token to keep shapes static (models/moe.py)."""
-    if str(getattr(cfg.moe_implementation, "value", cfg.moe_implementation)) == "capacity":
+    routing = str(getattr(cfg.moe_implementation, "value", cfg.moe_implementation))
+    if routing.startswith("capacity"):
         return cfg.num_experts_per_tok * cfg.capacity_factor
     return cfg.num_local_experts
 
@@ -100,25 +107,30 @@ def routing_gather_elements(cfg: LlamaConfig, device_tokens: float, mesh: Mesh) 
     """What a mixture-of-experts layer gathers on every device while it runs: the routing
     fills the experts' slots over the whole micro-batch (models/moe.py), so each device
     receives its tokens [tokens, hidden] and their k expert outputs [k x tokens, hidden]."""
-    if getattr(cfg, "num_local_experts", None) is None:
+    if getattr(cfg, "num_local_experts", None) is None or routed_per_row(cfg):
         return 0.0
     batch_tokens = device_tokens * mesh.size(BATCH_AXES)
     return batch_tokens * (1 + cfg.num_experts_per_tok) * cfg.hidden_size
 
 
-def moe_per_token_elements(cfg: LlamaConfig, tensor: int) -> dict[str, float]:
+def moe_per_token_elements(cfg: LlamaConfig, tensor: int, seq_len: int) -> dict[str, float]:
     """What a mixture-of-experts block keeps per token for the backward pass: the router's
     logits and probabilities, the dispatched tokens and the experts' outputs ([experts,
     capacity, hidden] buffers: slots x hidden per token), each slot's gate, up, silu(gate)
-    and product, and the k outputs picked back per token."""
+    and product, and the k outputs picked back per token; routed per row, its dispatch and
+    combine masks."""
     h, slots = cfg.hidden_size, expert_slots_per_token(cfg)
-    return {
+    counts = {
         "router": 2 * cfg.num_local_experts,
         "dispatched": slots * h,
         "experts": slots * 4 * cfg.intermediate_size / tensor,
         "expert_output": slots * h,
         "combined": cfg.num_experts_per_tok * h,
     }
+    if routed_per_row(cfg):
+        # the dispatch and combine masks [rows, T, E, C]: E x C = slots x T a token
+        counts["routing_masks"] = 2 * slots * seq_len
+    return counts
 
 
 def estimate_activations(

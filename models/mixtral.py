@@ -49,7 +49,10 @@ class MixtralConfig(LlamaConfig):
     """dropless: every token reaches its k experts (HF's result; on XLA, with static shapes,
     every expert runs on every token: E / k times the expert FLOPs). capacity: each expert
     takes at most capacity_factor x tokens x k / E tokens of the batch, first choices first,
-    the rest dropped and counted (static shapes, the TPU form). models/moe.py."""
+    the rest dropped and counted (static shapes, the TPU form). models/moe.py.
+    capacity_per_row: the same within each row of the batch (capacity_factor x row length x
+    k / E slots per row and expert), dispatched by einsums: the form expert parallelism moves
+    with all-to-alls instead of gathering the batch (models/moe_rows.py)."""
     capacity_factor: float = 1.25
     """With capacity routing: slots per expert as a multiple of an even share of the tokens."""
     router_aux_loss_coef: float = 0.02

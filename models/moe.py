@@ -33,13 +33,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.moe_rows import route_per_row
+
 
 class MoeImplementation(StrEnum):
     dropless = "dropless"
     capacity = "capacity"
+    capacity_per_row = "capacity_per_row"
 
 
-def _identity(t: torch.Tensor) -> torch.Tensor:
+def _identity(t: torch.Tensor, role: str | None = None) -> torch.Tensor:
     return t
 
 
@@ -108,9 +111,10 @@ class MixtralExperts(nn.Module):
 
 
 class MixtralSparseMoeBlock(nn.Module):
-    constrain_dispatch: Callable[[torch.Tensor], torch.Tensor] = staticmethod(_identity)
+    constrain_dispatch: Callable[..., torch.Tensor] = staticmethod(_identity)
     """Applied to the dispatched tokens [E, C, H] and to the experts' outputs [E, C, H]; set
-    from outside (the sharding layer) to lay them out over the `expert` axis."""
+    from outside (the sharding layer) to lay them out over the `expert` axis. Routing per row
+    also says which way each goes (role "dispatch" or "combine", models/moe_rows.py)."""
     static_shapes: bool = False
     """Route with shapes that do not depend on the data (set from outside on XLA): dropless
     then runs every expert on every token."""
@@ -144,6 +148,11 @@ class MixtralSparseMoeBlock(nn.Module):
         dropped = torch.zeros((), dtype=torch.float32, device=x.device)
         if self.implementation == MoeImplementation.capacity:
             out, dropped = self._capacity(tokens, weights, chosen)
+        elif self.implementation == MoeImplementation.capacity_per_row:
+            C = expert_capacity(T, self.top_k, self.num_experts, self.capacity_factor)
+            out, dropped = route_per_row(
+                x, weights, chosen, self.experts, self.num_experts, C, self.constrain_dispatch
+            )
         elif self.static_shapes:
             out = self._dense(tokens, weights, chosen)
         else:

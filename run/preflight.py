@@ -23,7 +23,12 @@ from data.eval_batches import cut_eval_batches, training_holdout
 from data.pipeline import TextBatches, shard_layout
 from data.tokenizers import Tokenizer, build_tokenizer
 from models import build_model
-from models.memory import ActivationEstimate, estimate_activations
+from models.memory import (
+    ActivationEstimate,
+    estimate_activations,
+    expert_slots_per_token,
+    routed_per_row,
+)
 from optimizers.groups import param_groups
 from torchprime.attention import TPU_KERNELS, check_attention_kernel
 from torchprime.backend.base import Backend
@@ -571,6 +576,7 @@ def step_shape(cfg: TrainConfig, model: nn.Module) -> StepShape:
         rematerialized=layer in m.remat.activation_checkpoint_layers
         or bool(m.remat.scan_layers and m.remat.offload_tensors),
         experts_per_token=getattr(m, "num_experts_per_tok", 0),
+        expert_slots_per_token=expert_slots_per_token(m) if routed_per_row(m) else 0.0,
     )
 
 

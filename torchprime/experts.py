@@ -4,14 +4,14 @@ The `expert` axis splits two things. Outside the mixture-of-experts layers it is
 data-parallel axis: the batch is split over (data, fsdp, expert) (torchprime/mesh.py
 BATCH_AXES), so every device works on rows of its own. Inside them the expert weights
 ([experts, ...], the `moe_fsdp_ep` sharding preset) are split over `expert` on their first
-dimension, so a device holds only its experts. The capacity routing gathers each row's tokens
-into fixed-size buffers, one per expert (the dispatched tensor, [experts, ..., capacity,
-hidden]); the model hands that tensor and the experts' outputs to its `constrain_dispatch`
-seam, and `ExpertLayout` annotates them with `model.sharding.dispatch`: split over `expert` on
-the experts dimension, over the remaining batch axes on the rows. Rows split over `expert`
-before, experts split over it after: the SPMD partitioner moves each buffer to the devices of
-its experts with an all-to-all over `expert`, and the outputs come back the same way. No
-device ever gathers another device's experts.
+dimension, so a device holds only its experts. The routing per row (models/moe_rows.py) puts
+each row's tokens into fixed-size buffers, one per expert ([experts, rows x capacity,
+hidden]); the model hands them and the experts' outputs to its `constrain_dispatch` seam, and
+`ExpertLayout` annotates them with `model.sharding.dispatch`: split over `expert` on the
+experts dimension, over the remaining batch axes on the rows. Rows split over `expert` before,
+experts split over it after: the SPMD partitioner moves each buffer to the devices of its
+experts with an all-to-all over `expert`, and the outputs come back the same way. No device
+ever gathers another device's experts.
 
 The model is plain PyTorch: the layout is handed to its blocks from outside
 (`place_expert_layout`), as the sequence layout of context parallelism is.
@@ -54,12 +54,14 @@ def rows_spec(spec: PartitionSpec) -> PartitionSpec:
 @dataclass(frozen=True)
 class ExpertLayout:
     """Annotates the expert buffers of a mixture-of-experts block, the model's
-    `constrain_dispatch(tensor, role)` seam. Each is laid out twice, so the partitioner knows
-    which way it goes: the dispatched tokens ("dispatch") as the rows' devices computed them,
-    then split over the experts (an all-to-all over `expert`); the experts' outputs
-    ("combine") as the experts' devices computed them, then back on the rows' devices (the
-    all-to-all back). One annotation each leaves the choice to the partitioner, which then
-    all-gathers the whole batch's output gradient for the combine's backward (measured)."""
+    `constrain_dispatch(tensor, role=None)` seam. With a role each is laid out twice, so the
+    partitioner knows which way it goes: the dispatched tokens ("dispatch") as the rows'
+    devices computed them, then split over the experts (an all-to-all over `expert`); the
+    experts' outputs ("combine") as the experts' devices computed them, then back on the rows'
+    devices (the all-to-all back). With one annotation each (a prototype) the partitioner
+    all-gathered the whole batch's output gradient for the combine's backward instead.
+    Without a role (the routing over the whole batch, models/moe.py) only the experts' layout
+    is given: that routing's index gathers take every token to every device anyway."""
 
     backend: Backend
     mesh: Mesh

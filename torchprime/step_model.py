@@ -15,10 +15,13 @@ Per device and per step it counts
   rematerialized); context parallelism's all-gathers of keys and values (and reduce-scatters
   of their gradients), or with the Pallas kernels, which split heads over `context` instead,
   the all-to-alls that swap q, k, v to heads and the output back; a mixture-of-experts
-  layer's routing (models/moe.py), which fills each expert's slots in token order over the
-  whole micro-batch: every data-parallel device (data, fsdp, expert) gathers the micro-batch's
-  tokens [tokens, hidden] and the k expert outputs of each [k x tokens, hidden] in each
-  forward pass, and reduce-scatters their gradients (measured in the partitioned step).
+  layer's routing: per row (capacity_per_row, models/moe_rows.py), the all-to-alls over
+  `expert` that send each device's expert buffers (k x capacity factor slots a token) to the
+  experts' devices and the outputs back, in each forward pass and for their gradients; over
+  the whole micro-batch (capacity, dropless: models/moe.py), every data-parallel device
+  (data, fsdp, expert) gathers the micro-batch's tokens [tokens, hidden] and the k expert
+  outputs of each [k x tokens, hidden] in each forward pass, and reduce-scatters their
+  gradients (both measured in the partitioned step).
 Ring collectives: an all-gather or reduce-scatter over n devices moves (n-1)/n of the full
 tensor into each device, an all-reduce twice that; an axis spanning slices runs its ring inside
 each slice over ICI first, then across slices over DCN on 1/ici of the bytes.
@@ -67,6 +70,10 @@ class StepShape:
     """The decoder layers' forward runs again in the backward pass."""
     experts_per_token: int = 0
     """Mixture of experts: the k experts each token is routed to; 0 for a dense model."""
+    expert_slots_per_token: float = 0.0
+    """Mixture of experts routed per row: the expert-buffer slots of a token (k x capacity
+    factor) that expert parallelism sends to the experts' devices; 0: routed over the whole
+    micro-batch (its tokens gathered on every device)."""
 
 
 @dataclass(frozen=True)
@@ -218,7 +225,15 @@ def predict_step(plan: ShardingPlan, shape: StepShape, chip: Chip) -> StepModel:
         what = "key and value gradients"
         _add(model, mesh, "reduce-scatter", ("context",), what, per_layer, per_layer * kv)
 
-    if shape.experts_per_token:
+    if shape.expert_slots_per_token:
+        # Routing per row: each device's buffers to the experts' devices and the outputs
+        # back (all-to-all over `expert`), in each forward pass and for their gradients.
+        buffers = local_tokens * shape.expert_slots_per_token * shape.hidden
+        swaps = 2 * (passes + 1) * per_layer
+        what = "MoE tokens to their experts' devices and the outputs back"
+        _add(model, mesh, "all-to-all", ("expert",), what, swaps,
+             swaps * buffers * shape.activation_bytes)  # fmt: skip
+    elif shape.experts_per_token:
         # The routing over the whole micro-batch: its tokens and their k expert outputs
         # gathered on every data-parallel device, their gradients reduce-scattered.
         routed = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1)

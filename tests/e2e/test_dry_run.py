@@ -38,11 +38,6 @@ PRESETS = [
     ),
 ]
 
-#: The resource bounding a preset's step when it is not compute: the Mixtral's routing gathers
-#: every micro-batch token and its expert outputs on every chip (models/moe.py fills the
-#: experts' slots over the whole micro-batch), 1.48 TiB of ICI a step against 3.95 s of compute.
-BOUND = {"mixtral_8x7b_v5p_128": "ici-bound"}
-
 
 #: What the step model finds in a preset's shrunken step (the 32k preset's loss and its
 #: sequence split: the labels broadcast against the vocabulary are replicated whole, and
@@ -70,8 +65,7 @@ def test_pod_presets_pass_their_dry_run(tmp_path, preset, devices, params, plan_
     assert "restored step_00000006 and ran step 7" in report
     # the step model: the shrunken step's collectives, the real step's roofline
     assert "all-gather         fsdp" in report and "reduce-scatter     fsdp" in report
-    assert "step model (roofline, per device per step" in report
-    assert BOUND.get(preset, "compute-bound") in report
+    assert "step model (roofline, per device per step" in report and "compute-bound" in report
     model = json.loads((tmp_path / "dry_run" / "step_model.json").read_text())
     assert 0.45 < model["step_model"]["mfu_bound"] < 1
     flags = FLAGGED.get(preset, ())

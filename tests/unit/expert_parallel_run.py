@@ -2,7 +2,7 @@
 tests/unit/test_expert_parallel.py: in its process (4 devices) or as a script in a process of
 its own, whose device count the XLA runtime fixes at start:
 
-    python tests/unit/expert_parallel_run.py DEVICES '[{"expert": 4, "fsdp": 2}]' [HLO_DIR]
+    python tests/unit/expert_parallel_run.py DEVICES '[{"expert": 4, "fsdp": 2}]' ROUTING [HLO_DIR]
 
 prints one JSON line per mesh: the loss and gradient errors against one device, the runtime
 shardings of the expert weights and, with HLO_DIR (one mesh only), the collectives of XLA's
@@ -23,8 +23,9 @@ ROOT = Path(__file__).resolve().parents[2]
 STEPS, LR, ROWS, T = 3, 0.5, 8, 32
 
 
-def moe_config(**overrides):
-    """The tiny Mixtral (model=tiny_moe) in 2 layers, with the moe_fsdp_ep sharding preset."""
+def moe_config(routing: str = "capacity_per_row", **overrides):
+    """The tiny Mixtral (model=tiny_moe) in 2 layers, with the moe_fsdp_ep sharding preset and
+    `routing` (model.moe_implementation)."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
@@ -34,7 +35,7 @@ def moe_config(**overrides):
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
         cfg = compose("default", overrides=["model=tiny_moe", "model/sharding=moe_fsdp_ep"])
     model = OmegaConf.to_object(cfg).model
-    return dataclasses.replace(model, num_hidden_layers=2, **overrides)
+    return dataclasses.replace(model, num_hidden_layers=2, moe_implementation=routing, **overrides)
 
 
 def host_batch() -> dict[str, torch.Tensor]:
@@ -123,7 +124,7 @@ def collectives(dump: Path, cfg, axes: dict[str, int]) -> dict:
     return {"rows": [dataclasses.asdict(r) for r in found.rows], "flags": found.flags}
 
 
-def main(devices: int, meshes: list[dict[str, int]], dump: Path | None) -> None:
+def main(devices: int, meshes: list[dict[str, int]], routing: str, dump: Path | None) -> None:
     os.environ["PJRT_DEVICE"] = "CPU"
     os.environ["CPU_NUM_DEVICES"] = str(devices)
     sys.path.insert(0, str(ROOT))
@@ -131,7 +132,7 @@ def main(devices: int, meshes: list[dict[str, int]], dump: Path | None) -> None:
 
     # The runtime first: a CPU backward before it would break every later XLA backward.
     backend = select_backend("xla", cpu_devices=devices, hlo_dump_dir=dump)
-    cfg = moe_config()
+    cfg = moe_config(routing)
     expected = one_device(cfg)
     for axes in meshes:
         result = run_case(cfg, axes, backend, expected)
@@ -144,5 +145,6 @@ if __name__ == "__main__":
     main(
         int(sys.argv[1]),
         json.loads(sys.argv[2]),
-        Path(sys.argv[3]) if len(sys.argv) > 3 else None,
+        sys.argv[3],
+        Path(sys.argv[4]) if len(sys.argv) > 4 else None,
     )

@@ -1,11 +1,12 @@
 """Expert parallelism: the tiny Mixtral's experts split over `expert` give the numbers of one
 device, the expert weights stay split, and the tokens (never the experts' weights) travel.
 
-Each mesh trains 3 plain SGD steps of the tiny Mixtral (2 layers, 4 experts, capacity
-routing) with the moe_fsdp_ep preset and compares every loss and gradient with the same model
-on one device (eager, on the CPU). expert=4 and expert=2 x fsdp=2 run here on conftest's 4
-devices; expert=2 alone (2 devices) and expert=4 x fsdp=2 (8 devices) run in processes of
-their own (tests/unit/expert_parallel_run.py), the second also reading XLA's partitioned step.
+Each mesh trains 3 plain SGD steps of the tiny Mixtral (2 layers, 4 experts, routing per row,
+capacity factor 1.25) with the moe_fsdp_ep preset and compares every loss and gradient with
+the same model on one device (eager, on the CPU). expert=4 and expert=2 x fsdp=2 run here on
+conftest's 4 devices (and expert=4 with the routing over the whole batch); expert=2 alone
+(2 devices) and expert=4 x fsdp=2 (8 devices) run in processes of their own
+(tests/unit/expert_parallel_run.py), the second also reading XLA's partitioned step.
 """
 
 from __future__ import annotations
@@ -28,7 +29,13 @@ TOLERANCE = 1e-5
 
 def in_own_process(devices: int, meshes: list[dict], dump=None) -> list[dict]:
     """tests/unit/expert_parallel_run.py's results in a process with `devices` devices."""
-    args = [sys.executable, "tests/unit/expert_parallel_run.py", str(devices), json.dumps(meshes)]
+    args = [
+        sys.executable,
+        "tests/unit/expert_parallel_run.py",
+        str(devices),
+        json.dumps(meshes),
+        "capacity_per_row",
+    ]
     proc = subprocess.run(
         [*args, *([str(dump)] if dump else [])],
         cwd=ROOT,
@@ -52,14 +59,17 @@ def test_experts_split_over_four_devices_give_the_numbers_of_one_device():
     from torchprime.backend import select_backend
 
     backend = select_backend("xla", cpu_devices=4)
-    cfg = moe_config()
-    expected = one_device(cfg)
     shardings = {  # [experts, 2 x width, hidden] and [experts, hidden, width]
-        (4, 1): ("{devices=[4,1,1]0,1,2,3}", "{devices=[4,1,1]0,1,2,3}"),
-        (2, 2): ("{devices=[2,2,1]0,2,1,3}", "{devices=[2,1,2]0,2,1,3}"),
+        ("capacity_per_row", 4, 1): ("{devices=[4,1,1]0,1,2,3}", "{devices=[4,1,1]0,1,2,3}"),
+        ("capacity_per_row", 2, 2): ("{devices=[2,2,1]0,2,1,3}", "{devices=[2,1,2]0,2,1,3}"),
+        ("capacity", 4, 1): ("{devices=[4,1,1]0,1,2,3}", "{devices=[4,1,1]0,1,2,3}"),
     }
-    for (expert, fsdp), (gate_up, down) in shardings.items():
-        result = run_case(cfg, {"expert": expert, "fsdp": fsdp}, backend, expected)
+    expected = {}
+    for (routing, expert, fsdp), (gate_up, down) in shardings.items():
+        cfg = moe_config(routing)
+        if routing not in expected:
+            expected[routing] = one_device(cfg)
+        result = run_case(cfg, {"expert": expert, "fsdp": fsdp}, backend, expected[routing])
         print(result)  # the closing note's figures (pytest -s)
         assert_equivalent(result)
         assert (result["gate_up_proj"], result["down_proj"]) == (gate_up, down)
@@ -82,13 +92,15 @@ def test_two_and_eight_devices_and_the_partitioned_step_moves_tokens_not_experts
     # No collective moves an expert's weights or their gradients: each device computes with
     # the experts it stores.
     assert not [r for r in rows if "experts" in r["what"]], rows
-    # The routing fills the experts' slots in token order over the whole batch (models/moe.py),
-    # so the tokens travel by gathers over the batch axes (fsdp, expert): the k expert outputs
-    # of every token [k, tokens, hidden] gathered, their gradient reduce-scattered.
-    routed = {(r["kind"], r["what"]) for r in rows if r["axes"] == ["fsdp", "expert"]}
-    assert ("all-gather", "activation f32[2, 256, 128]") in routed
-    assert ("reduce-scatter", "activation f32[512, 128]") in routed
-    assert not [f for f in audit["flags"] if "experts" in f or "rematerialization" in f]
+    # Routed per row, each device's expert buffers [experts, rows, capacity, hidden] go to the
+    # experts' devices and come back by all-to-alls over `expert`: dispatch and combine, in the
+    # forward and for their gradients (each tuple element of an all-to-all counted), 2 layers.
+    swaps = [r for r in rows if r["kind"] == "all-to-all" and r["axes"] == ["expert"]]
+    assert [(r["what"], r["count"]) for r in swaps] == [("activation f32[1, 1, 1, 20, 128]", 32)]
+    # and no activation of the expert blocks is gathered over `expert` (what is left over
+    # fsdp+expert is the embedding's and the loss's, as in every data-parallel step)
+    assert not [r for r in rows if r["axes"] == ["expert"] and r["kind"] == "all-gather"]
+    assert audit["flags"] == []
 
 
 def test_rows_spec_moves_the_expert_axis_to_the_rows():
@@ -141,13 +153,40 @@ def test_the_pod_plan_counts_experts_per_device_and_buffers_at_the_capacity_fact
     assert "[8, 28672, 4096]   [expert, fsdp, -]      [1, 3584, 4096]" in report
     assert "of which experts   1.31 GiB  (parts of 1 of the 8 experts of each layer)" in report
     # the expert buffers: top-k x capacity factor slots a token, of the hidden width
-    elements = moe_per_token_elements(cfg.model, tensor=1)
+    elements = moe_per_token_elements(cfg.model, tensor=1, seq_len=4096)
     assert elements["dispatched"] == 2 * 1.25 * 4096
+    assert elements["routing_masks"] == 2 * 2 * 1.25 * 4096  # [rows, T, E, C] dispatch, combine
     wider = dataclasses.replace(cfg.model, capacity_factor=2.5)
-    assert moe_per_token_elements(wider, tensor=1)["dispatched"] == 2 * elements["dispatched"]
+    wide = moe_per_token_elements(wider, tensor=1, seq_len=4096)
+    assert wide["dispatched"] == 2 * elements["dispatched"]
     # model FLOPs count the 2 of 8 experts a token uses: 12.88B active parameters with the
     # embedding (published: 12.9B), against 46.7B in all
     active = model_flops_per_token(build_model(cfg.model, cfg.resolved_precision.params), 0) / 6
     assert round((active + 32000 * 4096) / 1e9, 2) == 12.88
     assert "step model (roofline, per device per step, TPU v5p x 64)" in report
-    assert "MoE routing: the micro-batch's tokens and their k expert outputs" in report
+    assert "all-to-all     expert            192   52.50 GiB" in report
+    assert "compute-bound" in report
+
+
+def test_routing_per_row_equals_dropless_with_room_and_counts_what_it_drops():
+    import torch
+
+    from models import build_model
+    from models.mixtral import MixtralConfig
+
+    def model(**routing):
+        cfg = MixtralConfig(num_hidden_layers=2, intermediate_size=64, **routing)
+        m = build_model(cfg, torch.float32)
+        m.to_empty(device="cpu")
+        m.init_weights(torch.Generator().manual_seed(0))
+        return m
+
+    ids = torch.randint(0, 259, (4, 24), generator=torch.Generator().manual_seed(1))
+    reference = model(moe_implementation="dropless")(ids).logits
+    # 2 x (T k / E) = T slots a row and expert: no expert can overflow within a row
+    roomy = model(moe_implementation="capacity_per_row", capacity_factor=2.0)
+    assert (roomy(ids).logits - reference).abs().max() < 1e-5
+    assert roomy(ids, labels=ids).metrics["dropped_fraction"] == 0
+    tight = model(moe_implementation="capacity_per_row", capacity_factor=0.5)(ids, labels=ids)
+    # 6 slots a row and expert, 24 in all for a row's 48 assignments: at least half dropped
+    assert tight.metrics["dropped_fraction"] >= 0.5
