@@ -129,8 +129,13 @@ class MixtralModel(LlamaModel):
 
     layer_class = MixtralDecoderLayer
 
+    def __init__(self, cfg: MixtralConfig):
+        super().__init__(cfg)
+        # From the config, not a layer: the rewriting may replace the stack (stored stacked).
+        self.num_experts = cfg.num_local_experts
+
     def carry_in(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        size = RouterStats.size(self.layers[0].mlp.num_experts)
+        size = RouterStats.size(self.num_experts)
         return x, torch.zeros(size, dtype=torch.float32, device=x.device)
 
     def carry_out(self, carried: tuple[torch.Tensor, torch.Tensor]) -> Any:
