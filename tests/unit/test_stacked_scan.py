@@ -159,6 +159,10 @@ def test_on_xla_a_stacked_checkpoint_loads_per_layer_and_back(tmp_path):
     again.tensors_loaded(tensors)
     for k, v in host(again.checkpoint_tensors()).items():
         torch.testing.assert_close(v, saved[k], rtol=0, atol=0, msg=k)
+    # the stacks keep their layout through the load (weights and moments)
+    up = again.model.get_parameter("model.layers.layer.mlp.up_proj.weight")
+    for t in (up, again.optimizer.state[up]["exp_avg"]):
+        assert backend.sharding_of(t).startswith("{devices=[1,4,1]")
 
 
 def test_on_eager_checkpoints_load_both_ways_and_export_hf_has_per_layer_names(tmp_path):
