@@ -103,6 +103,10 @@ class BaseTrainer:
         self.step_count = torch.zeros((), dtype=torch.float32, device=backend.device)
         self.spike = SpikeDetector(cfg.spike, backend.device) if cfg.spike.enabled else None
         backend.sync()
+        if backend.is_xla and stacked_modules(model):
+            # A checkpoint copies stacked weights out per layer: that graph compiles now, not
+            # at the first save after warm-up (a recompilation to trainer.fail_on_recompile).
+            self.checkpoint_tensors()
         self.start_step = 0
         self.resumed_from: Path | None = None
         self._abort: str | None = None

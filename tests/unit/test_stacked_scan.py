@@ -138,7 +138,11 @@ def test_on_xla_a_stacked_checkpoint_loads_per_layer_and_back(tmp_path):
     x = ids(0, backend.device)
     stacked.train_step([{"input_ids": x, "labels": x}])
     backend.sync()
+    compiled = backend.compile_count()
     path = save_checkpoint(tmp_path / "a", 1, stacked.checkpoint_tensors(), backend)
+    # the per-layer copies' graph was compiled with the trainer, not at this save (after
+    # warm-up it would count as a recompilation: trainer.fail_on_recompile)
+    assert backend.compile_count() == compiled
     saved = host(stacked.checkpoint_tensors())
     assert "model.model.layers.1.mlp.up_proj.weight" in saved  # per-layer names on disk
     assert not any(".layer." in k for k in saved)
@@ -159,6 +163,10 @@ def test_on_xla_a_stacked_checkpoint_loads_per_layer_and_back(tmp_path):
     again.tensors_loaded(tensors)
     for k, v in host(again.checkpoint_tensors()).items():
         torch.testing.assert_close(v, saved[k], rtol=0, atol=0, msg=k)
+    # the stacks keep their layout through the load (weights and moments)
+    up = again.model.get_parameter("model.layers.layer.mlp.up_proj.weight")
+    for t in (up, again.optimizer.state[up]["exp_avg"]):
+        assert backend.sharding_of(t).startswith("{devices=[1,4,1]")
 
 
 def test_on_eager_checkpoints_load_both_ways_and_export_hf_has_per_layer_names(tmp_path):
