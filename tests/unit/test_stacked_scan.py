@@ -251,3 +251,36 @@ def test_bad_stacked_configs_are_refused_at_start_up_naming_the_key():
     model.model.layers[2].mlp = type(model.model.layers[2].mlp)(LlamaConfig(intermediate_size=256))
     with pytest.raises(ConfigError, match=r"stack_weights \(model.layers\): layer 2 differs"):
         check_remat(model, STACKED)
+
+
+def test_a_mixture_of_experts_stored_stacked_gives_the_loss_router_metrics_and_grads():
+    """The Mixtral layer carries its router statistics through the stacked scan too."""
+    from models.mixtral import MixtralConfig
+
+    results = []
+    for remat in (PER_LAYER, RematConfig(scan_layers="model.layers", stack_weights=True)):
+        cfg = MixtralConfig(
+            intermediate_size=96,
+            num_hidden_layers=3,
+            moe_implementation="capacity",
+            capacity_factor=1.0,  # some tokens dropped: the counts must carry across layers
+        )
+        model = build_model(cfg, torch.float32)
+        specs = plan_parameter_specs(model, cfg.sharding, ONE)
+        generator = torch.Generator().manual_seed(0)
+        materialize(model, specs, ONE, CPU, model.init_module_weights, generator)
+        apply_rewriting(model, remat, CPU, specs, ONE)
+        batch = ids(0, "cpu")
+        out = model(batch, labels=batch)
+        out.loss.backward()
+        grads = per_layer(model, {n: p.grad for n, p in model.named_parameters()})
+        results.append((out.loss.item(), {k: v.item() for k, v in out.metrics.items()}, grads))
+    (loss, metrics, grads), (s_loss, s_metrics, s_grads) = results
+    assert metrics["dropped_fraction"] > 0
+    assert abs(loss - s_loss) < 1e-6
+    assert metrics.keys() == s_metrics.keys()
+    for k in metrics:
+        assert abs(metrics[k] - s_metrics[k]) < 1e-6, k
+    assert grads.keys() == s_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(s_grads[name], grads[name], rtol=1e-5, atol=1e-6, msg=name)
