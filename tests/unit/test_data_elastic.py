@@ -19,7 +19,7 @@ from torchprime.errors import ConfigError
 from trainers.batch_hashes import row_hashes
 from trainers.data_position import TrackedBatches
 
-GLOBAL_ROWS = 8  # rows of a global micro-batch
+GLOBAL_ROWS = 8  # rows of a step's global batch (one micro-batch unless said)
 STEPS = 9
 SEED = 5
 
