@@ -113,14 +113,15 @@ class DataConfig:
     logical_shards: int | None = None
     """Independent streams the training rows are read from, each its own part of every source
     (every logical_shards-th file, or every logical_shards-th document when a source has fewer
-    files), with its own mixture order, shuffle buffer and packing. Row j of every global
-    micro-batch of B rows (trainer.global_batch_size / trainer.grad_accum_steps) comes from
-    shard j // (B / logical_shards), so the rows are a function of the seed, this block and the
-    row's place alone, never of the host count; each host reads only the shards of its own rows
-    and a checkpoint holds every shard's position: a run resumes on any host count that divides
-    logical_shards. Rule, checked at start-up: B is a multiple of logical_shards, which is a
-    multiple of the hosts. null: B (one row of each micro-batch per shard, the most hosts a
-    batch allows). A resume needs the value the checkpoint was written with."""
+    files), with its own mixture order, shuffle buffer and packing. Row j of every step's global
+    batch of G rows (trainer.global_batch_size, all micro-batches) comes from shard
+    j // (G / logical_shards), so the rows are a function of the seed, this block and the row's
+    place alone, never of the host count or the micro-batch split; each host reads only the
+    shards of its own rows and a checkpoint holds every shard's position: a run resumes on any
+    host count the rule allows. Rule, checked at start-up: G is a multiple of logical_shards,
+    which is a multiple of hosts x trainer.grad_accum_steps (a host's rows of a micro-batch are
+    whole shards). null: G (one row of each step per shard, the most hosts a batch allows). A
+    resume needs the value the checkpoint was written with."""
     max_doc_chars: int = 0
     """Cut a document longer than this many characters into pieces of at most this many, after
     the last line end that fits (data/pieces.py); each piece is then a document of its own:
@@ -167,8 +168,8 @@ class DataConfig:
         )
         found.check(
             self.logical_shards is None or self.logical_shards >= 1,
-            f"{key}.logical_shards={self.logical_shards}: must be 1 or more (null: the rows of "
-            "a global micro-batch).",
+            f"{key}.logical_shards={self.logical_shards}: must be 1 or more (null: "
+            "trainer.global_batch_size).",
         )
         found.check(
             self.max_doc_chars >= 0,

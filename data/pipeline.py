@@ -29,22 +29,31 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 2
 
 
-def shard_layout(logical_shards: int | None, global_rows: int, hosts: int) -> tuple[int, int]:
-    """(shards, rows each shard gives a global micro-batch of `global_rows` rows), checked:
-    the rows split evenly over the shards, and the shards over the hosts."""
+def shard_layout(
+    logical_shards: int | None, global_rows: int, hosts: int, micro_batches: int = 1
+) -> tuple[int, int]:
+    """(shards, rows each shard gives a step's global batch of `global_rows` rows), checked:
+    the rows split evenly over the shards, and the shards over the hosts' parts of the
+    micro-batches (each part of a micro-batch is whole shards)."""
     shards = logical_shards or global_rows
-    if shards % hosts:
+    parts = hosts * micro_batches
+    if shards % parts:
+        over = f"the {hosts} hosts" if hosts > 1 else ""
+        if micro_batches > 1:
+            over += (" x " if over else "the ") + (
+                f"{micro_batches} micro-batches (trainer.grad_accum_steps)"
+            )
         raise ConfigError(
-            f"data.logical_shards={shards} does not split over the {hosts} hosts: each host "
-            f"reads whole shards, so it must be a multiple of {hosts} (and at least {hosts})."
+            f"data.logical_shards={shards} does not split over {over}: each host reads whole "
+            f"shards for its rows of each micro-batch, so it must be a multiple of {parts} (and "
+            f"at least {parts})."
         )
     if global_rows % shards:
         raise ConfigError(
-            f"data.logical_shards={shards}: a global micro-batch of {global_rows} rows "
-            "(trainer.global_batch_size / trainer.grad_accum_steps) takes the same number of "
-            f"rows from every shard, so its rows must be a multiple of the shards: choose a "
-            f"divisor of {global_rows}"
-            + (f" that the {hosts} hosts divide" if hosts > 1 else "")
+            f"data.logical_shards={shards}: a global batch of {global_rows} rows "
+            "(trainer.global_batch_size) takes the same number of rows from every shard, so "
+            f"its rows must be a multiple of the shards: choose a divisor of {global_rows}"
+            + (f" that {parts} divides" if parts > 1 else "")
             + ", or null (one shard a row)."
         )
     return shards, global_rows // shards
@@ -162,12 +171,12 @@ class TextBatches:
     """This host's rows of every global micro-batch, without end: a source that runs out starts
     its next pass on its own.
 
-    The rows come from `data.logical_shards` streams (ShardStream); row j of a global
-    micro-batch of B = batch_size x process_count rows is the next row of shard
-    j // (B / shards). Host h holds rows [h x batch_size, (h + 1) x batch_size) (the device
-    loaders place them so), which come from shards [h x shards / hosts, (h + 1) x shards /
-    hosts): it opens, reads and tokenizes only those. The global batches are therefore the
-    same on any host count.
+    The rows come from `data.logical_shards` streams (ShardStream). Row j of a step's global
+    batch of G = batch_size x process_count x micro_batches rows is the next row of shard
+    j // (G / shards); micro-batch m holds rows [m x G / micro_batches, (m + 1) x ...), and
+    host h of each micro-batch its h-th block of batch_size rows (the device loaders place them
+    so). A host therefore reads whole shards: it opens, reads and tokenizes only those. The
+    rows of every step are the same on any host count and with any micro-batch split.
 
     Iterating yields dicts of int64 [batch_size, block_size] tensors (collators/). The object
     is its own iterator: `iter()` continues where the last batch left off.
@@ -200,26 +209,41 @@ class TextBatches:
         seed: int = 0,
         holdout: Holdout | None = None,
         key: str = "data",
+        micro_batches: int = 1,
     ):
         """`batch_size`: this host's rows of a global micro-batch; `holdout`: read only one side
         of the held-out split (data/holdout.py); `key`: the config key naming the sources in
-        messages."""
+        messages; `micro_batches`: of a step (trainer.grad_accum_steps)."""
         self.cfg = cfg
         self.batch_size = batch_size
         self.process_index = process_index
         self.process_count = process_count
+        self.micro_batches = micro_batches
         self.shards, self.rows_per_shard = shard_layout(
-            cfg.logical_shards, batch_size * process_count, process_count
+            cfg.logical_shards,
+            batch_size * process_count * micro_batches,
+            process_count,
+            micro_batches,
         )
-        per_host = self.shards // process_count
-        first = process_index * per_host
+        # This host's shards for each micro-batch of a step: whole blocks of rows_per_shard.
+        micro_rows, per_part = batch_size * process_count, batch_size // self.rows_per_shard
+        self.parts = [
+            range(first, first + per_part)
+            for m in range(micro_batches)
+            for first in [(m * micro_rows + process_index * batch_size) // self.rows_per_shard]
+        ]
         self.collate = get_collator(cfg.collator)
         specs = source_specs(cfg, key)
         opened = [open_source(s, k) for k, s in specs]
-        self.streams = [
-            ShardStream(cfg, tokenizer, specs, k, self.shards, seed, holdout, opened, k == first)
-            for k in range(first, first + per_host)
-        ]
+        mine = [k for part in self.parts for k in part]
+        self.streams = {
+            k: ShardStream(
+                cfg, tokenizer, specs, k, self.shards, seed, holdout, opened, k == mine[0]
+            )
+            for k in mine
+        }
+        self.micro = 0
+        """The micro-batch of the step the next batch is (0 at a step's start)."""
         self.batches = 0
         """Batches yielded since the start of training (a restored count included)."""
         self._config = {
@@ -235,16 +259,15 @@ class TextBatches:
             "holdout": asdict(holdout) if holdout is not None else None,
         }
         log.info(
-            "%s: %s%s; %s packing of %d tokens, shuffle buffer %d; logical shards %d-%d of %d "
-            "(%d rows each a batch) on host %d of %d",
+            "%s: %s%s; %s packing of %d tokens, shuffle buffer %d; logical shards %s of %d "
+            "(%d rows each a step) on host %d of %d",
             key,
             ", ".join(f"{describe(s)} (weight {s.weight:g})" for _, s in specs),
             f", {holdout.describe()}" if holdout is not None else "",
             cfg.packing,
             cfg.block_size,
             cfg.shuffle_buffer,
-            first,
-            first + per_host - 1,
+            ", ".join(f"{part[0]}-{part[-1]}" for part in self.parts),
             self.shards,
             self.rows_per_shard,
             process_index,
@@ -254,16 +277,18 @@ class TextBatches:
     @property
     def readers(self) -> list[SourceReader]:
         """Every source reader of this host's shards."""
-        return [r for stream in self.streams for r in stream.readers]
+        return [r for stream in self.streams.values() for r in stream.readers]
 
     # -- the stream ---------------------------------------------------------------------------
     def __iter__(self) -> TextBatches:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        rows = [s.next_row() for s in self.streams for _ in range(self.rows_per_shard)]
+        part = self.parts[self.micro]
+        rows = [self.streams[k].next_row() for k in part for _ in range(self.rows_per_shard)]
         batch = self.collate(rows)
         self.batches += 1
+        self.micro = (self.micro + 1) % self.micro_batches
         return batch
 
     @property
@@ -283,13 +308,15 @@ class TextBatches:
     # -- the position -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The position after the last batch yielded, as JSON data: {"version", "config" (what
-        must match on load), "batches" (yielded since the start of training), "epoch",
+        must match on load), "batches" (yielded since the start of training), "micro" (the
+        micro-batch of the step the next batch is: 0 between steps), "epoch",
         "shards": {"k": ShardStream.state(), ...} (this host's shards)}."""
-        shards = {str(s.shard): s.state() for s in self.streams}
+        shards = {str(k): s.state() for k, s in self.streams.items()}
         return {
             "version": STATE_VERSION,
             "config": copy.deepcopy(self._config),
             "batches": self.batches,
+            "micro": self.micro,
             "epoch": self.epoch,
             "shards": shards,
         }
@@ -308,16 +335,23 @@ class TextBatches:
                 "checkpoint mixes runs."
             )
         found = {k: v for s in states for k, v in s["shards"].items()}
-        missing = [str(s.shard) for s in self.streams if str(s.shard) not in found]
+        missing = [str(k) for k in self.streams if str(k) not in found]
         if missing:
             raise ConfigError(
                 f"data state: no saved position for logical shards {', '.join(missing)} of "
                 f"{self.shards} (the checkpoint holds {len(found)}); a host's record "
                 "(host_NNNNN.json) is missing from the checkpoint."
             )
-        for stream in self.streams:
-            stream.load_state(found[str(stream.shard)])
+        micro = {s.get("micro", 0) for s in states}
+        if micro != {0}:  # checkpoints are taken between steps
+            raise ConfigError(
+                f"data state: saved inside a step (micro-batch {sorted(micro)}); resume from a "
+                "checkpoint."
+            )
+        for k, stream in self.streams.items():
+            stream.load_state(found[str(k)])
         self.batches = counts.pop()
+        self.micro = 0
 
     def _check_config(self, saved: dict[str, Any]) -> None:
         for key, now in self._config.items():
@@ -327,7 +361,7 @@ class TextBatches:
                 if key == "logical_shards":
                     hint = (
                         f"set data.logical_shards={saved.get(key)} to resume it (null means "
-                        "the rows of a global micro-batch, which changes with the batch size)"
+                        "trainer.global_batch_size, which may have changed)"
                     )
                 raise ConfigError(
                     f"data state: saved with {name}={saved.get(key)!r}, this run has {now!r}; "

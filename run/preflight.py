@@ -129,8 +129,8 @@ class Preflight:
     micro_batch: int | None = None
     """Rows of one micro-batch on this host."""
     shard_layout: tuple[int, int] | None = None
-    """(logical shards, rows each gives a global micro-batch), when they fit the batch and
-    the hosts (data.logical_shards)."""
+    """(logical shards, rows each gives a step's global batch), when they fit the batch, its
+    micro-batches and the hosts (data.logical_shards)."""
     model: nn.Module | None = None
     """On the meta device: shapes and names only."""
     specs: dict[str, PartitionSpec] | None = None
@@ -289,9 +289,12 @@ def _check_mesh_and_batch(pre: Preflight) -> None:
         micro_batch_rows, t.global_batch_size, t.grad_accum_steps, pre.mesh, pre.devices.hosts
     )
     if pre.micro_batch is not None and not cfg.data.problems():
-        hosts = pre.devices.hosts
         pre.shard_layout = pre.problems.attempt(
-            shard_layout, cfg.data.logical_shards, pre.micro_batch * hosts, hosts
+            shard_layout,
+            cfg.data.logical_shards,
+            t.global_batch_size,
+            pre.devices.hosts,
+            t.grad_accum_steps,
         )
 
 
@@ -488,6 +491,7 @@ def _open_data(pre: Preflight) -> None:
         d.hosts,
         cfg.seed,
         training_holdout(cfg.eval),
+        micro_batches=cfg.trainer.grad_accum_steps if pre.micro_batch is not None else 1,
     )
 
 

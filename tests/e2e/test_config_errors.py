@@ -57,7 +57,7 @@ def test_logical_shards_that_do_not_divide_the_batch_name_the_key_and_the_rule(t
     )
     assert proc.returncode == 2
     line = cause_line(proc.stderr, "data.logical_shards=3")
-    assert "global micro-batch of 8 rows" in line and "divisor of 8" in line
+    assert "global batch of 8 rows" in line and "divisor of 8" in line
     assert "error: 1 problem" in proc.stderr  # the data sources are named as not checked
     assert not (tmp_path / "metrics.jsonl").exists()
 

@@ -19,7 +19,7 @@ from torchprime.errors import ConfigError
 from trainers.batch_hashes import row_hashes
 from trainers.data_position import TrackedBatches
 
-GLOBAL_ROWS = 8  # rows of a global micro-batch
+GLOBAL_ROWS = 8  # rows of a step's global batch (one micro-batch unless said)
 STEPS = 9
 SEED = 5
 
@@ -149,18 +149,39 @@ def test_a_shards_rows_come_from_its_own_sources_documents_only(corpus):
 
 
 @pytest.mark.parametrize(
-    "shards, hosts, message",
+    "shards, hosts, micro_batches, message",
     [
-        (1, 2, r"data.logical_shards=1 does not split over the 2 hosts: .* multiple of 2"),
-        (6, 4, r"data.logical_shards=6 does not split over the 4 hosts"),
-        (16, 2, r"data.logical_shards=16: a global micro-batch of 8 rows .* divisor of 8"),
-        (3, 1, r"data.logical_shards=3: a global micro-batch of 8 rows"),
+        (1, 2, 1, r"data.logical_shards=1 does not split over the 2 hosts: .* multiple of 2"),
+        (6, 4, 1, r"data.logical_shards=6 does not split over the 4 hosts"),
+        (4, 2, 4, r"=4 does not split over the 2 hosts x 4 micro-batches \(trainer.grad_accum"),
+        (16, 2, 1, r"data.logical_shards=16: a global batch of 8 rows .* divisor of 8 that 2"),
+        (3, 1, 1, r"data.logical_shards=3: a global batch of 8 rows"),
     ],
 )
-def test_a_shard_count_that_cannot_feed_the_batch_and_hosts_is_refused(shards, hosts, message):
+def test_a_shard_count_that_cannot_feed_the_batch_and_hosts_is_refused(
+    shards, hosts, micro_batches, message
+):
     with pytest.raises(ConfigError, match=message):
-        shard_layout(shards, GLOBAL_ROWS, hosts)
-    assert shard_layout(None, GLOBAL_ROWS, hosts) == (GLOBAL_ROWS, 1)  # null: a shard a row
+        shard_layout(shards, GLOBAL_ROWS, hosts, micro_batches)
+    # null: a shard a row
+    assert shard_layout(None, GLOBAL_ROWS, hosts, micro_batches) == (GLOBAL_ROWS, 1)
+
+
+def test_the_rows_of_a_step_are_the_same_with_any_micro_batch_split(corpus):
+    cfg = data_config(corpus, 4)
+    reference = global_hashes(hosts_of(cfg, 1), 4)  # 4 steps of 8 rows, one micro-batch
+    for micro_batches, hosts in [(2, 1), (2, 2), (4, 1)]:
+        rows = GLOBAL_ROWS // hosts // micro_batches
+        pipes = [
+            TextBatches(cfg, ByteTokenizer(), rows, h, hosts, SEED, HOLDOUT, "data", micro_batches)
+            for h in range(hosts)
+        ]
+        for step in range(4):
+            found = []
+            for _ in range(micro_batches):  # the hosts' rows of each micro-batch, in order
+                parts = [next(p) for p in pipes]
+                found += row_hashes({k: torch.cat([p[k] for p in parts]) for k in parts[0]})
+            assert found == reference[step], (micro_batches, hosts, step)
 
 
 def test_a_position_saved_with_another_shard_count_is_refused_naming_the_key(corpus):

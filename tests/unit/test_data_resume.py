@@ -156,7 +156,7 @@ def test_the_state_is_plain_json_that_names_its_parts(corpus):
     p = pipeline(cfg)
     next(p)
     state = json.loads(json.dumps(p.state_dict()))  # plain JSON data
-    assert set(state) == {"version", "config", "batches", "epoch", "shards"}
+    assert set(state) == {"version", "config", "batches", "micro", "epoch", "shards"}
     assert state["batches"] == 1 and state["config"]["block_size"] == 16
     assert state["config"]["logical_shards"] == 1 and list(state["shards"]) == ["0"]
     shard = state["shards"]["0"]

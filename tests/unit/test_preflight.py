@@ -80,7 +80,7 @@ def test_the_target_pod_gives_the_devices_hosts_and_hbm():
     "shards, problem",
     [
         (8, "data.logical_shards=8 does not split over the 16 hosts: each host reads whole"),
-        (48, "data.logical_shards=48: a global micro-batch of 64 rows"),
+        (48, "data.logical_shards=48: a global batch of 64 rows"),
     ],
 )
 def test_logical_shards_that_cannot_feed_the_pods_hosts_are_refused(shards, problem):
