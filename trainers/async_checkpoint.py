@@ -34,17 +34,13 @@ from torch.distributed.checkpoint.staging import AsyncStager
 
 from torchprime.backend.base import Backend
 from trainers.checkpoint import (
-    COMPLETE,
     WRITER_THREADS,
-    _check_all_written,
     _quiet_library_warnings,
     _quiet_writer_threads,
     checkpoint_dir,
     checkpoint_write_error,
-    fsync_dir,
     host_file,
-    is_complete,
-    step_dirs,
+    seal_checkpoint,
 )
 from trainers.hosts import barrier, is_coordinator, process_index
 from trainers.storage import describe_write_failure, os_error_in
@@ -137,16 +133,7 @@ class AsyncSaver:
             failed = [i for i, bad in enumerate(self._gather(error is not None)) if bad]
             if self.lead and not failed:
                 try:
-                    _check_all_written(tmp, state)
-                    (tmp / COMPLETE).write_text(json.dumps({"step": step}) + "\n")
-                    if final.exists():
-                        shutil.rmtree(final)
-                    tmp.rename(final)
-                    fsync_dir(self.root)
-                    if self.keep is not None:
-                        complete = [p for p in step_dirs(self.root) if is_complete(p)]
-                        for old in complete[self.keep :]:
-                            shutil.rmtree(old, ignore_errors=True)
+                    seal_checkpoint(tmp, final, step, state, self.keep)
                 except BaseException as e:  # noqa: BLE001
                     error, failed = e, [self.index]
             failed = self._gather(failed)[0]  # the coordinator's view, on every host

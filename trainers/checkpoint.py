@@ -108,6 +108,23 @@ def is_complete(path: Path) -> bool:
     return (path / COMPLETE).is_file()
 
 
+def seal_checkpoint(
+    tmp: Path, final: Path, step: int, state: dict[str, Any], keep: int | None
+) -> None:
+    """Make the written folder `tmp` the checkpoint `final` (the coordinator, once every host's
+    files are in): check that every tensor was written, mark it COMPLETE, rename it, and
+    delete complete checkpoints older than the newest `keep`."""
+    _check_all_written(tmp, state)
+    (tmp / COMPLETE).write_text(json.dumps({"step": step}) + "\n")
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    fsync_dir(final.parent)
+    if keep is not None:
+        for old in [p for p in step_dirs(final.parent) if is_complete(p)][keep:]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def save_checkpoint(
     root: Path,
     step: int,
@@ -157,15 +174,7 @@ def save_checkpoint(
     write_failed = problem is not None
     if lead and problem is None:
         try:
-            _check_all_written(tmp, state)
-            (tmp / COMPLETE).write_text(json.dumps({"step": step}) + "\n")
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-            fsync_dir(root)
-            if keep is not None:
-                for old in [p for p in step_dirs(root) if is_complete(p)][keep:]:
-                    shutil.rmtree(old, ignore_errors=True)
+            seal_checkpoint(tmp, final, step, state, keep)
         except Exception as e:  # noqa: BLE001 - every host must learn of it, not hang
             write_failed = os_error_in(e) is not None
             problem = (

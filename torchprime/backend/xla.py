@@ -221,18 +221,22 @@ class XlaBackend(Backend):
         pure: bool,
         offloaded: frozenset[str] = frozenset(),
     ) -> tuple:
-        # One layer is traced and compiled; the others reuse it with their own weights. With
-        # remat, the min-cut partitioner recomputes what the backward needs instead of saving
-        # every activation of every layer; with offload, only the marked activations are
-        # saved, on the host.
-        from functorch.compile import default_partition, min_cut_rematerialization_partition
+        # One layer is traced and compiled; the others reuse it with their own weights.
         from torch_xla.experimental.scan_layers import scan_layers
 
-        if offloaded:
-            partition = self.offload_partition(offloaded)
-        else:
-            partition = min_cut_rematerialization_partition if remat else default_partition
+        partition = self._scan_partition(remat, offloaded)
         return scan_layers(layers, carry, partition_fn=partition, is_layer_pure=pure)
+
+    def _scan_partition(self, remat: bool, offloaded: frozenset[str]):
+        """How a scan splits its layer's graph between forward and backward: with remat, the
+        min-cut partitioner recomputes what the backward needs instead of saving every
+        activation of every layer; with offload, only the marked activations are saved, on
+        the host."""
+        from functorch.compile import default_partition, min_cut_rematerialization_partition
+
+        if offloaded:
+            return self.offload_partition(offloaded)
+        return min_cut_rematerialization_partition if remat else default_partition
 
     def scan_stacked(
         self,
@@ -246,13 +250,9 @@ class XlaBackend(Backend):
         # torch_xla's scan with the stacked weights as its xs: each iteration gets slice i of
         # every weight and binds it into the step module; nothing is stacked or split here.
         # The step function is kept per module, so a pure scan finds its traced graphs again.
-        from functorch.compile import default_partition, min_cut_rematerialization_partition
         from torch_xla.experimental.scan import scan
 
-        if offloaded:
-            partition = self.offload_partition(offloaded)
-        else:
-            partition = min_cut_rematerialization_partition if remat else default_partition
+        partition = self._scan_partition(remat, offloaded)
         fn = self._stacked_steps.get(step)
         if fn is None:
 
