@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from bench.child import RSS_ENV, run_child
 from bench.remat_memory import _reset_peak, _status_kib
 
 TARGET = 3.0
@@ -79,19 +77,12 @@ def measure(chunk: int | None) -> dict[str, float]:
 
 
 def run(chunk: int) -> dict[str, Any]:
-    """Each variant in a fresh process (malloc returns large blocks at once, as in
-    bench.remat_memory, so the resident size follows the live tensors)."""
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    root = Path(__file__).resolve().parent.parent
+    """Each variant in a fresh process, its resident size following the live tensors."""
     result: dict[str, Any] = {"chunk": chunk, "variants": {}}
     for variant in VARIANTS:
-        command = [sys.executable, "-m", "bench.loss_memory", "--child", variant]
-        proc = subprocess.run(
-            [*command, "--chunk", str(chunk)], cwd=root, env=env, capture_output=True, text=True
+        result["variants"][variant] = run_child(
+            "loss_memory", variant, "--chunk", str(chunk), env=RSS_ENV
         )
-        if proc.returncode:
-            raise RuntimeError(f"loss_memory {variant} failed:\n{proc.stderr[-3000:]}")
-        result["variants"][variant] = json.loads(proc.stdout.strip().splitlines()[-1])
     v = result["variants"]
     result["step_ratio"] = v["whole"]["step_mib"] / v["chunked"]["step_mib"]
     result["forward_ratio"] = v["whole"]["forward_mib"] / v["chunked"]["forward_mib"]

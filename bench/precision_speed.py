@@ -17,12 +17,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from bench.child import run_child
 
 SHAPES = dict(
     vocab_size=32000,
@@ -96,17 +96,10 @@ def measure(setup: str, steps: int) -> dict[str, Any]:
 
 
 def run(steps: int) -> dict[str, Any]:
-    root = Path(__file__).resolve().parent.parent
     result: dict[str, Any] = {"steps": steps, "setups": {}}
+    env = {k: v for k, v in os.environ.items() if k not in ("PJRT_DEVICE", "CPU_NUM_DEVICES")}
     for setup in SETUPS:
-        env = {k: v for k, v in os.environ.items() if k not in ("PJRT_DEVICE", "CPU_NUM_DEVICES")}
-        command = [sys.executable, "-m", "bench.precision_speed", "--child", setup]
-        proc = subprocess.run(
-            [*command, "--steps", str(steps)], cwd=root, env=env, capture_output=True, text=True
-        )
-        if proc.returncode:
-            raise RuntimeError(f"precision_speed {setup} failed:\n{proc.stderr[-3000:]}")
-        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        r = run_child("precision_speed", setup, "--steps", str(steps), env=env)
         r["bf16_over_fp32"] = r["bfloat16"]["tokens_per_s"] / r["float32"]["tokens_per_s"]
         result["setups"][setup] = r
     return result

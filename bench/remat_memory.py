@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from bench.child import RSS_ENV, run_child
 
 TARGET = 2.0
 VARIANTS = ("plain", "remat")
@@ -95,23 +94,12 @@ def measure(variant: str, depth: int) -> dict[str, float]:
 
 
 def run(depth: int) -> dict[str, Any]:
-    """Each variant in a fresh process; malloc returns large blocks to the system at once, so
-    the resident size follows the live tensors."""
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    root = Path(__file__).resolve().parent.parent
+    """Each variant in a fresh process, its resident size following the live tensors."""
     result: dict[str, Any] = {"depth": depth, "variants": {}}
     for variant in VARIANTS:
-        proc = subprocess.run(
-            [sys.executable, "-m", "bench.remat_memory", "--child", variant, "--depth", str(depth)],
-            cwd=root,
-            env=env,
-            capture_output=True,
-            text=True,
-            check=False,
+        result["variants"][variant] = run_child(
+            "remat_memory", variant, "--depth", str(depth), env=RSS_ENV
         )
-        if proc.returncode:
-            raise RuntimeError(f"remat_memory {variant} failed:\n{proc.stderr[-3000:]}")
-        result["variants"][variant] = json.loads(proc.stdout.strip().splitlines()[-1])
     v = result["variants"]
     result["forward_ratio"] = v["plain"]["forward_mib"] / v["remat"]["forward_mib"]
     result["step_ratio"] = v["plain"]["step_mib"] / v["remat"]["step_mib"]
